@@ -1,0 +1,47 @@
+"""posezoo: animal pose estimation from a model zoo, with ONNX Runtime.
+
+Quick use::
+
+    import posezoo
+    predictor = posezoo.load("posezoo_tiny_mouse")          # or "mouse", "default", ...
+    table = predictor.predict_video("video.mp4")            # PoseTable
+    table.save("out/", formats=["h5", "csv"])               # DeepLabCut-compatible
+    df = table.to_dataframe()
+"""
+
+from .cards import ModelCard
+from .errors import (
+    ArtefactNotPublishedError,
+    ChecksumMismatchError,
+    InputError,
+    ModelNotCachedError,
+    PosezooError,
+    TruncatedVideoError,
+    UnknownModelError,
+    VideoError,
+    ZooError,
+)
+from .predictor import DEFAULT_MODEL, PosePredictor, load
+from .table import PoseTable
+from .zoo import ResolvedModel, Zoo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArtefactNotPublishedError",
+    "ChecksumMismatchError",
+    "DEFAULT_MODEL",
+    "InputError",
+    "ModelCard",
+    "ModelNotCachedError",
+    "PosePredictor",
+    "PoseTable",
+    "PosezooError",
+    "ResolvedModel",
+    "TruncatedVideoError",
+    "UnknownModelError",
+    "VideoError",
+    "Zoo",
+    "ZooError",
+    "load",
+]

@@ -1,0 +1,174 @@
+"""Model cards: the pydantic schema that describes every zoo model.
+
+A card says what a network expects (input spec), what it returns (output names,
+stride, location-refinement scale), how to decode it, which keypoints it predicts
+and where its ONNX artefact lives (with its sha256). Cards are plain YAML files; see
+``models/`` for the catalog.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import InvalidCardError
+
+Task = Literal["single_animal", "top_down", "detector"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class InputSpec(_Strict):
+    """How frames are turned into the network's input tensor ``(N, 3, H, W)`` float32.
+
+    ``size`` is ``(height, width)`` or ``"any"`` (fully convolutional: the frame is
+    only padded to a multiple of ``pad_to``). ``resize`` says how a frame of another
+    size is fitted: ``letterbox`` keeps the aspect ratio and pads bottom/right,
+    ``stretch`` scales each axis independently. Pixel values are divided by
+    ``pixel_range`` and then normalised channel-wise: ``(x - mean) / std``.
+    """
+
+    size: tuple[int, int] | Literal["any"] = "any"
+    resize: Literal["letterbox", "stretch"] = "letterbox"
+    pad_to: int = Field(1, ge=1)
+    colour_order: Literal["RGB", "BGR"] = "RGB"
+    pixel_range: float = Field(255.0, gt=0)
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    input_name: str = "image"
+
+
+class OutputSpec(_Strict):
+    """Names and geometry of the network's outputs.
+
+    ``heatmap``: ``(N, K, h, w)``; ``locref`` (optional): ``(N, 2K, h, w)`` with the
+    channels ordered ``dx0, dy0, dx1, dy1, ...`` as in DeepLabCut. ``stride`` is the
+    nominal input/heatmap ratio (the decoder uses the measured ratio of the actual
+    tensors, which equals it for inputs that are multiples of the stride).
+    """
+
+    heatmap: str = "heatmaps"
+    locref: str | None = "locref"
+    stride: float = Field(8.0, gt=0)
+    locref_std: float = 7.2801
+    heatmap_activation: Literal["none", "sigmoid"] = "none"
+
+
+class Artefact(_Strict):
+    """Where the ONNX file lives and how to verify it.
+
+    ``locations`` are tried in order: ``hf://org/repo`` (Hugging Face Hub, at
+    ``revision``), ``s3://bucket/prefix`` (any S3-compatible endpoint), ``file:///dir``,
+    or ``local`` (the directory of the card itself). An empty ``sha256`` means the
+    artefact is not published yet.
+    """
+
+    locations: list[str] = Field(default_factory=list)
+    revision: str | None = None
+    filename: str
+    sha256: str | None = None
+    bytes: int | None = None
+
+    @property
+    def published(self) -> bool:
+        return bool(self.sha256) and bool(self.locations)
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str | None) -> str | None:
+        if v is not None and v != "":
+            v = v.lower()
+            if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
+                raise ValueError("sha256 must be 64 hex digits")
+        return v or None
+
+
+class Upstream(_Strict):
+    """The DeepLabCut checkpoint the artefact was converted from (or training data)."""
+
+    kind: Literal["huggingface", "url", "trained"] = "huggingface"
+    repo_id: str | None = None
+    filename: str | None = None
+    url: str | None = None
+    notes: str | None = None
+
+
+class ModelCard(_Strict):
+    """Everything posezoo needs to know about one version of one model."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_\-]*$")
+    version: str = Field(pattern=r"^[0-9A-Za-z.\-+]+$")
+    description: str = ""
+    species: list[str]
+    aliases: list[str] = Field(default_factory=list)
+    task: Task = "single_animal"
+    detector: str | None = None
+    max_individuals: int = Field(1, ge=1)
+    keypoints: list[str] = Field(default_factory=list)
+    keypoints_from_artefact: bool = False
+    skeleton: list[tuple[str, str]] = Field(default_factory=list)
+    flip_pairs: list[tuple[str, str]] = Field(default_factory=list)
+    input: InputSpec = Field(default_factory=InputSpec)
+    outputs: OutputSpec = Field(default_factory=OutputSpec)
+    decoder: Literal["heatmap_argmax_locref", "detector_boxes"] = "heatmap_argmax_locref"
+    artefact: Artefact
+    upstream: Upstream | None = None
+    licence: str = "unknown"
+    citation: str = ""
+    training: dict | None = None
+    metrics: dict | None = None
+    pcutoff: float = Field(0.4, ge=0, le=1)
+
+    @property
+    def ref(self) -> str:
+        """``name@version``."""
+        return f"{self.name}@{self.version}"
+
+    @property
+    def n_keypoints(self) -> int:
+        return len(self.keypoints)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelCard":
+        if self.task == "top_down" and not self.detector:
+            raise ValueError("a top_down card must name its detector card")
+        if self.task != "detector" and not self.keypoints and not self.keypoints_from_artefact:
+            raise ValueError("keypoints are required (or set keypoints_from_artefact)")
+        if len(set(self.keypoints)) != len(self.keypoints):
+            raise ValueError("keypoint names must be unique")
+        known = set(self.keypoints)
+        for pairs, what in ((self.skeleton, "skeleton"), (self.flip_pairs, "flip_pairs")):
+            for a, b in pairs:
+                if known and (a not in known or b not in known):
+                    raise ValueError(f"{what} names an unknown keypoint: {a}-{b}")
+        return self
+
+    # -- files --------------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ModelCard":
+        """Load and validate a card; errors name the file and the field."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise InvalidCardError(f"{path}: cannot read model card: {exc}") from exc
+        if not isinstance(data, dict):
+            raise InvalidCardError(f"{path}: a model card must be a YAML mapping")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"]) or "card"
+            raise InvalidCardError(f"{path}: invalid model card at {loc}: {first['msg']}") from exc
+
+    def to_yaml(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = self.model_dump(mode="json", exclude_none=True)
+        path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+        return path

@@ -1,0 +1,282 @@
+"""Predictors: one small class per model kind, preprocess -> infer -> postprocess.
+
+The predictor is immutable after construction (the ONNX session is thread-safe), so
+one instance can serve many videos and threads.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .cards import ModelCard
+from .decoding import decode_heatmaps, to_frame_coordinates
+from .errors import InputError, PosezooError, TruncatedVideoError
+from .filtering import filter_poses, outlier_frames
+from .runtime import OrtModel, ResizePlan, normalise_batch, plan_resize, resize_batch
+from .table import PoseTable
+from .video import iter_batches, probe
+from .zoo import ResolvedModel, Zoo, default_zoo
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class StageTimes:
+    """Wall-clock seconds spent per stage of :meth:`PosePredictor.predict_video`."""
+
+    video_wait: float = 0.0
+    preprocess: float = 0.0
+    inference: float = 0.0
+    decode: float = 0.0
+    total: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {
+            "video_wait_s": round(self.video_wait, 4),
+            "preprocess_s": round(self.preprocess, 4),
+            "inference_s": round(self.inference, 4),
+            "decode_s": round(self.decode, 4),
+            "total_s": round(self.total, 4),
+            **self.extra,
+        }
+
+
+class PosePredictor:
+    """Full-frame (single-animal) heatmap model: frames in, keypoints in frame pixels out.
+
+    Parameters
+    ----------
+    card : ModelCard
+    model_path : path
+        The verified ONNX file.
+    device : {"auto", "cpu", "cuda", "tensorrt"}
+    threads : int, optional
+        ONNX Runtime intra-op threads (default: all cores).
+    source : str
+        Where the artefact came from (for metadata).
+    """
+
+    def __init__(self, card: ModelCard, model_path: str | Path, *, device: str = "auto",
+                 threads: int | None = None, source: str = "", sha256: str | None = None):
+        if card.task != "single_animal":
+            raise PosezooError(f"{card.ref}: task {card.task!r} is not served by the full-frame predictor")
+        self.card = card
+        self.model = OrtModel(model_path, device=device, threads=threads)
+        self.source = source
+        self.sha256 = sha256 or card.artefact.sha256
+        spec = card.outputs
+        missing = [n for n in (spec.heatmap, spec.locref) if n and n not in self.model.output_names]
+        if missing or card.input.input_name not in self.model.input_names:
+            raise PosezooError(
+                f"{card.ref}: the ONNX model does not match its card (inputs {self.model.input_names}, "
+                f"outputs {self.model.output_names}; card wants {card.input.input_name} -> {spec.heatmap}, {spec.locref})"
+            )
+        self._outputs = [spec.heatmap] + ([spec.locref] if spec.locref else [])
+
+    @property
+    def providers(self) -> list[str]:
+        """Execution providers the session really uses, best first."""
+        return self.model.providers
+
+    @property
+    def keypoints(self) -> list[str]:
+        return list(self.card.keypoints)
+
+    # -- core -----------------------------------------------------------------------------
+    def _infer(self, resized: np.ndarray, plan: ResizePlan, times: StageTimes | None = None) -> np.ndarray:
+        """Resized frames ``(n, h, w, 3)`` -> keypoints ``(n, 1, K, 3)`` in frame pixels."""
+        t0 = time.perf_counter()
+        x = normalise_batch(resized, self.card.input, plan.input_hw)
+        t1 = time.perf_counter()
+        out = self.model.run({self.card.input.input_name: x}, self._outputs)
+        t2 = time.perf_counter()
+        o = self.card.outputs
+        kp = decode_heatmaps(
+            out[o.heatmap], out.get(o.locref) if o.locref else None, input_hw=plan.input_hw,
+            locref_std=o.locref_std, activation=o.heatmap_activation,
+        )
+        kp = to_frame_coordinates(kp, plan.scale, (0.0, 0.0))
+        t3 = time.perf_counter()
+        if times is not None:
+            times.preprocess += t1 - t0
+            times.inference += t2 - t1
+            times.decode += t3 - t2
+        return kp[:, None]
+
+    def predict_images(self, images: np.ndarray, *, colour_order: str = "RGB", batch_size: int = 16) -> np.ndarray:
+        """Predict keypoints on same-sized images.
+
+        Parameters
+        ----------
+        images : ndarray, shape (n_images, height, width, 3) or (height, width, 3), uint8
+        colour_order : {"RGB", "BGR"}
+            Order of the given images (OpenCV reads BGR).
+        batch_size : int
+
+        Returns
+        -------
+        ndarray, shape (n_images, 1, n_keypoints, 3)
+            ``x, y`` in image pixels and the likelihood.
+        """
+        arr = np.asarray(images)
+        if arr.ndim == 3:
+            arr = arr[None]
+        if arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[0] == 0:
+            raise InputError(f"images must have shape (n, height, width, 3), got {arr.shape}")
+        if arr.dtype != np.uint8:
+            raise InputError(f"images must be uint8, got {arr.dtype}")
+        if colour_order.upper() != self.card.input.colour_order:
+            arr = arr[..., ::-1]
+        plan = plan_resize((arr.shape[2], arr.shape[1]), self.card.input)
+        chunks = [
+            self._infer(resize_batch(arr[i : i + batch_size], plan.resized_wh), plan)
+            for i in range(0, arr.shape[0], batch_size)
+        ]
+        return np.concatenate(chunks)
+
+    def predict_video(
+        self,
+        video: str | os.PathLike,
+        *,
+        batch_size: int = 16,
+        progress: bool | ProgressCallback = False,
+        filter: str | None = None,
+        filter_window: int = 5,
+        max_jump: float | None = None,
+        allow_truncated: bool = False,
+        max_frames: int | None = None,
+    ) -> PoseTable:
+        """Predict every frame of a video, streaming (memory does not grow with length).
+
+        Parameters
+        ----------
+        video : path
+        batch_size : int
+            Frames per ONNX Runtime call.
+        progress : bool or callable(frames_done, frames_total)
+            ``True`` shows a tqdm bar on stderr.
+        filter : {None, "median", "savgol"}
+            Optional temporal filter of the positions (raw likelihoods are kept).
+        filter_window : int
+        max_jump : float, optional
+            Pixels between consecutive frames above which a keypoint counts as an
+            outlier (default: 5 % of the frame diagonal).
+        allow_truncated : bool
+            On a truncated video return the frames that decoded (the metadata says
+            where decoding stopped) instead of raising :class:`TruncatedVideoError`.
+        max_frames : int, optional
+            Only the first ``max_frames`` frames.
+
+        Returns
+        -------
+        PoseTable
+            ``data`` of shape ``(n_frames, 1, n_keypoints, 3)``.
+        """
+        info = probe(video)
+        plan = plan_resize(info.size, self.card.input)
+        times = StageTimes()
+        expected = min(info.n_frames, max_frames) if max_frames else info.n_frames
+        bar, callback = _progress(progress, expected, Path(video).name)
+        chunks: list[np.ndarray] = []
+        truncated: TruncatedVideoError | None = None
+        done = 0
+        t_start = time.perf_counter()
+        batches = iter_batches(
+            video, batch_size, size=plan.resized_wh if plan.needs_resize else None,
+            colour_order=self.card.input.colour_order, max_frames=max_frames,
+        )
+        try:
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                except TruncatedVideoError as exc:
+                    truncated = exc
+                    break
+                finally:
+                    times.video_wait += time.perf_counter() - t0
+                chunks.append(self._infer(batch.frames, plan, times))
+                done += len(batch.frames)
+                if callback:
+                    callback(done, max(expected, done))
+        finally:
+            batches.close()
+            if bar is not None:
+                bar.close()
+        times.total = time.perf_counter() - t_start
+        if truncated is not None and not allow_truncated:
+            raise truncated
+        n_kp = self.card.n_keypoints
+        data = np.concatenate(chunks) if chunks else np.zeros((0, 1, n_kp, 3), np.float32)
+        meta = self._metadata(info, times, done, batch_size)
+        if truncated is not None:
+            meta["truncated"] = {"frames_read": truncated.frames_read, "error": str(truncated)}
+        if filter:
+            data = filter_poses(data, filter, filter_window)
+            meta["filter"] = {"method": filter, "window": filter_window}
+        diag = float(np.hypot(info.width, info.height))
+        meta["outliers"] = outlier_frames(data, self.card.pcutoff, max_jump or 0.05 * diag)
+        return PoseTable(data, tuple(self.card.keypoints), ("animal0",), self.card.ref, meta)
+
+    def _metadata(self, info, times: StageTimes, n_frames: int, batch_size: int) -> dict:
+        total = max(times.total, 1e-9)
+        return {
+            "model": {"name": self.card.name, "version": self.card.version, "sha256": self.sha256,
+                      "source": self.source, "task": self.card.task},
+            "video": {"path": info.path, "fps": info.fps, "width": info.width, "height": info.height,
+                      "n_frames": n_frames, "n_frames_header": info.n_frames, "codec": info.codec},
+            "runtime": {"providers": self.providers, "threads": self.model.threads, "batch_size": batch_size},
+            "timings": {**times.as_dict(), "fps": round(n_frames / total, 2)},
+            "pcutoff": self.card.pcutoff,
+        }
+
+
+def _progress(progress, total: int, label: str):
+    if callable(progress):
+        return None, progress
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total or None, unit="frame", desc=label, leave=False, dynamic_ncols=True)
+
+        def update(done: int, _total: int) -> None:
+            bar.update(done - bar.n)
+
+        return bar, update
+    return None, None
+
+
+def load(model: str = "default", *, device: str = "auto", threads: int | None = None, zoo: Zoo | None = None) -> PosePredictor:
+    """Load a zoo model for inference.
+
+    Parameters
+    ----------
+    model : str
+        ``"name[@version]"``, an alias (``"mouse"``), ``"default"`` (the bundled model)
+        or a path to a ``card.yaml``.
+    device : {"auto", "cpu", "cuda", "tensorrt"}
+        ``auto`` uses TensorRT/CUDA when onnxruntime-gpu finds a GPU, else the CPU.
+    threads : int, optional
+    zoo : Zoo, optional
+
+    Returns
+    -------
+    PosePredictor
+    """
+    zoo = zoo or default_zoo()
+    resolved: ResolvedModel = zoo.resolve(DEFAULT_MODEL if model == "default" else model)
+    return PosePredictor(resolved.card, resolved.path, device=device, threads=threads,
+                         source=resolved.source, sha256=resolved.card.artefact.sha256)
+
+
+#: The bundled model used when none is named.
+DEFAULT_MODEL = os.environ.get("POSEZOO_DEFAULT_MODEL", "posezoo_tiny_mouse")

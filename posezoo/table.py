@@ -1,0 +1,211 @@
+"""PoseTable: keypoints for every frame, and the DeepLabCut-compatible writers.
+
+The array layout follows the ``movement`` package: ``(n_frames, n_individuals,
+n_keypoints, 3)`` with ``x, y, likelihood`` in frame pixels. Missing points are NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import InputError
+
+FORMATS = ("h5", "csv", "json", "parquet")
+DLC_H5_KEY = "df_with_missing"
+DLC_COLUMN_LEVELS = ["scorer", "individuals", "bodyparts", "coords"]
+COORDS = ["x", "y", "likelihood"]
+
+
+@dataclass(frozen=True, eq=False)
+class PoseTable:
+    """Poses of every frame of one video.
+
+    Attributes
+    ----------
+    data : ndarray, shape (n_frames, n_individuals, n_keypoints, 3), float32
+        ``x, y`` in frame pixels and the likelihood; NaN where nothing was found.
+    keypoints : tuple of str, length n_keypoints
+    individuals : tuple of str, length n_individuals
+    scorer : str
+        DeepLabCut's "scorer" column level (here: the model, ``name@version``).
+    metadata : dict
+        JSON-serialisable facts: model name/version/sha256, video fps/size/frame
+        count, execution providers, timings, filtering, outlier frames.
+    """
+
+    data: np.ndarray
+    keypoints: tuple[str, ...]
+    individuals: tuple[str, ...] = ("animal0",)
+    scorer: str = "posezoo"
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        d = np.asarray(self.data, dtype=np.float32)
+        if d.ndim != 4 or d.shape[3] != 3:
+            raise InputError(f"pose data must have shape (frames, individuals, keypoints, 3), got {d.shape}")
+        if d.shape[1] != len(self.individuals) or d.shape[2] != len(self.keypoints):
+            raise InputError(
+                f"pose data {d.shape} does not match {len(self.individuals)} individuals "
+                f"x {len(self.keypoints)} keypoints"
+            )
+        object.__setattr__(self, "data", d)
+        object.__setattr__(self, "keypoints", tuple(self.keypoints))
+        object.__setattr__(self, "individuals", tuple(self.individuals))
+
+    # -- shape ----------------------------------------------------------------------------
+    @property
+    def n_frames(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def xy(self) -> np.ndarray:
+        """``(n_frames, n_individuals, n_keypoints, 2)`` view of the positions."""
+        return self.data[..., :2]
+
+    @property
+    def likelihood(self) -> np.ndarray:
+        """``(n_frames, n_individuals, n_keypoints)`` view of the likelihoods."""
+        return self.data[..., 2]
+
+    def with_metadata(self, **extra) -> "PoseTable":
+        return replace(self, metadata={**self.metadata, **extra})
+
+    # -- DeepLabCut tables ----------------------------------------------------------------
+    def to_dataframe(self) -> pd.DataFrame:
+        """DeepLabCut's layout: columns ``scorer / individuals / bodyparts / coords``,
+        integer frame index, one row per frame."""
+        columns = pd.MultiIndex.from_product(
+            [[self.scorer], list(self.individuals), list(self.keypoints), COORDS], names=DLC_COLUMN_LEVELS
+        )
+        values = self.data.reshape(self.n_frames, -1).astype(np.float64)
+        return pd.DataFrame(values, columns=columns, index=pd.RangeIndex(self.n_frames))
+
+    @classmethod
+    def from_dataframe(cls, df: pd.DataFrame, metadata: dict | None = None) -> "PoseTable":
+        """Inverse of :meth:`to_dataframe`; also accepts DeepLabCut's 3-level single-animal tables."""
+        cols = df.columns
+        if cols.nlevels == 3:
+            cols = pd.MultiIndex.from_tuples([(c[0], "animal0", c[1], c[2]) for c in cols], names=DLC_COLUMN_LEVELS)
+            df = df.set_axis(cols, axis=1)
+        if cols.nlevels != 4:
+            raise InputError(f"not a DeepLabCut pose table: {cols.nlevels} column levels")
+        scorer = str(cols.get_level_values(0)[0])
+        individuals = list(dict.fromkeys(cols.get_level_values(1)))
+        keypoints = list(dict.fromkeys(cols.get_level_values(2)))
+        full = pd.MultiIndex.from_product([[scorer], individuals, keypoints, COORDS])
+        values = df.reindex(columns=full).to_numpy(dtype=np.float32)
+        data = values.reshape(len(df), len(individuals), len(keypoints), 3)
+        return cls(data, tuple(keypoints), tuple(individuals), scorer, dict(metadata or {}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PoseTable":
+        """Read a table written by :meth:`save` (``.h5`` or ``.csv``; metadata from the sidecar)."""
+        path = Path(path)
+        meta_path = path.with_suffix(".meta.json")
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        if path.suffix == ".h5":
+            df = pd.read_hdf(path, key=DLC_H5_KEY)
+        elif path.suffix == ".csv":
+            df = pd.read_csv(path, header=[0, 1, 2, 3], index_col=0)
+        else:
+            raise InputError(f"{path}: can only load .h5 or .csv pose tables")
+        return cls.from_dataframe(df, meta)
+
+    # -- writers --------------------------------------------------------------------------
+    def to_h5(self, path: str | Path) -> Path:
+        path = Path(path)
+        self.to_dataframe().to_hdf(path, key=DLC_H5_KEY, mode="w", format="table")
+        return path
+
+    def to_csv(self, path: str | Path) -> Path:
+        path = Path(path)
+        self.to_dataframe().to_csv(path)
+        return path
+
+    def to_json(self, path: str | Path) -> Path:
+        """Per-frame JSON for web clients: ``frames[i].poses[individual] = [[x, y, p], ...]``
+        with ``null`` for missing points."""
+        path = Path(path)
+        rounded = np.round(self.data.astype(np.float64), 3).astype(object)
+        rounded[np.isnan(self.data)] = None
+        frames = [
+            {"frame": i, "poses": dict(zip(self.individuals, per_frame))}
+            for i, per_frame in enumerate(rounded.tolist())
+        ]
+        doc = {
+            "scorer": self.scorer,
+            "keypoints": list(self.keypoints),
+            "individuals": list(self.individuals),
+            "coords": COORDS,
+            "metadata": self.metadata,
+            "frames": frames,
+        }
+        path.write_text(json.dumps(doc, allow_nan=False, separators=(",", ":")))
+        return path
+
+    def to_long_dataframe(self) -> pd.DataFrame:
+        """One row per frame x individual x keypoint: ``frame, individual, keypoint, x, y, likelihood``."""
+        nf, ni, nk, _ = self.data.shape
+        flat = self.data.reshape(-1, 3)
+        return pd.DataFrame(
+            {
+                "frame": np.repeat(np.arange(nf, dtype=np.int64), ni * nk),
+                "individual": pd.Categorical(np.tile(np.repeat(np.array(self.individuals), nk), nf)),
+                "keypoint": pd.Categorical(np.tile(np.array(self.keypoints), nf * ni)),
+                "x": flat[:, 0],
+                "y": flat[:, 1],
+                "likelihood": flat[:, 2],
+            }
+        )
+
+    def to_parquet(self, path: str | Path) -> Path:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = Path(path)
+        table = pa.Table.from_pandas(self.to_long_dataframe(), preserve_index=False)
+        meta = {**(table.schema.metadata or {}), b"posezoo": json.dumps(self.metadata).encode()}
+        pq.write_table(table.replace_schema_metadata(meta), path)
+        return path
+
+    def save(self, out: str | Path, formats: tuple[str, ...] | list[str] = ("h5",), stem: str | None = None) -> dict[str, Path]:
+        """Write the table in each of ``formats`` (h5, csv, json, parquet) plus a
+        ``.meta.json`` sidecar.
+
+        ``out`` is a directory (files are named ``<stem>.<ext>``) or, for one format,
+        a file path with that suffix. Returns ``{format: path}`` including ``"meta"``.
+        """
+        out = Path(out)
+        unknown = [f for f in formats if f not in FORMATS]
+        if unknown:
+            raise InputError(f"unknown output format(s) {unknown}: choose from {list(FORMATS)}")
+        if out.suffix.lstrip(".") in FORMATS:
+            base = out.with_suffix("")
+            formats = [out.suffix.lstrip(".")]
+        else:
+            base = out / (stem or self.scorer.replace("@", "_"))
+        base.parent.mkdir(parents=True, exist_ok=True)
+        writers = {"h5": self.to_h5, "csv": self.to_csv, "json": self.to_json, "parquet": self.to_parquet}
+        paths = {fmt: writers[fmt](base.with_name(f"{base.name}.{fmt}")) for fmt in formats}
+        meta = base.with_name(f"{base.name}.meta.json")
+        meta.write_text(json.dumps(self.metadata, indent=2, default=_json_default))
+        paths["meta"] = meta
+        return paths
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return None if math.isnan(o) else float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")

@@ -1,0 +1,319 @@
+"""Video in: probe a file and stream its frames in batches through a bounded queue.
+
+Frames are decoded by PyAV (FFmpeg) on a background thread, resized and converted to
+the network's colour order inside FFmpeg's scaler, and handed over in batches of at
+most ``batch_size`` frames through a queue of ``queue_batches`` slots. So decoding
+overlaps inference and at most ``(queue_batches + 2) * batch_size`` frames are in
+memory, whatever the length of the video.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from .errors import TruncatedVideoError, VideoError
+
+#: FFmpeg's area-averaging scaler: the right filter for the 2x-and-more downscales the
+#: small models use (training resizes its images with the same kind of filter).
+RESIZE_INTERPOLATION = "AREA"
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a video file says about itself (before any frame is decoded)."""
+
+    path: str
+    width: int
+    height: int
+    fps: float
+    n_frames: int
+    codec: str
+    container: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(width, height)``."""
+        return self.width, self.height
+
+
+@dataclass(frozen=True)
+class FrameBatch:
+    """Consecutive frames ``start .. start + len(frames) - 1``.
+
+    ``frames`` has shape ``(n, height, width, 3)``, uint8, in the requested colour
+    order and size.
+    """
+
+    start: int
+    frames: np.ndarray
+
+
+def _open(path: str | os.PathLike) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
+    p = Path(path)
+    if not p.exists():
+        raise VideoError(f"{p}: no such file")
+    if p.is_dir():
+        raise VideoError(f"{p}: is a directory, not a video file")
+    if p.stat().st_size == 0:
+        raise VideoError(f"{p}: file is empty (0 bytes)")
+    try:
+        container = av.open(str(p), mode="r")
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise VideoError(f"{p}: not a readable video ({reason}); is the file complete and a video?") from exc
+    if not container.streams.video:
+        container.close()
+        raise VideoError(f"{p}: contains no video stream")
+    stream = container.streams.video[0]
+    if not stream.codec_context or not stream.width or not stream.height:
+        container.close()
+        raise VideoError(f"{p}: video stream has no decodable frames (unknown codec or size)")
+    return container, stream
+
+
+def _stream_fps(stream) -> float:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return float(rate) if rate else 0.0
+
+
+def _stream_frames(container, stream, fps: float) -> int:
+    if stream.frames:
+        return int(stream.frames)
+    if stream.duration and stream.time_base:  # estimate from duration
+        return int(round(float(stream.duration * stream.time_base) * fps))
+    if container.duration:
+        return int(round(container.duration / av.time_base * fps))
+    return 0
+
+
+def probe(path: str | os.PathLike) -> VideoInfo:
+    """Read a video's header.
+
+    Raises
+    ------
+    VideoError
+        The file is missing, empty, not a video, or has no video stream.
+    """
+    container, stream = _open(path)
+    try:
+        fps = _stream_fps(stream)
+        return VideoInfo(
+            path=str(path),
+            width=int(stream.width),
+            height=int(stream.height),
+            fps=fps,
+            n_frames=_stream_frames(container, stream, fps),
+            codec=stream.codec_context.name,
+            container=container.format.name,
+        )
+    finally:
+        container.close()
+
+
+def _fraction_fps(fps: float) -> Fraction:
+    return Fraction(fps).limit_denominator(1001 * 1000)
+
+
+class _Stop(Exception):
+    pass
+
+
+def iter_frames(
+    path: str | os.PathLike,
+    *,
+    size: tuple[int, int] | None = None,
+    colour_order: str = "RGB",
+    max_frames: int | None = None,
+) -> Iterator[np.ndarray]:
+    """Yield frames one by one, shape ``(height, width, 3)`` uint8, in the same thread.
+
+    ``size`` is ``(width, height)`` to resize to inside FFmpeg; ``max_frames`` stops
+    early. At the end, if fewer
+    frames decoded than the header announced, or the decoder hit damaged data,
+    :class:`TruncatedVideoError` is raised after the good frames were yielded.
+    """
+    fmt = "rgb24" if colour_order.upper() == "RGB" else "bgr24"
+    container, stream = _open(path)
+    stream.thread_type = "AUTO"
+    expected = _stream_frames(container, stream, _stream_fps(stream))
+    kwargs = {"format": fmt}
+    if size is not None and (size[0], size[1]) != (stream.width, stream.height):
+        kwargs.update(width=int(size[0]), height=int(size[1]), interpolation=RESIZE_INTERPOLATION)
+    n = 0
+    try:
+        try:
+            for frame in container.decode(stream):
+                if max_frames is not None and n >= max_frames:
+                    return
+                yield frame.to_ndarray(**kwargs)
+                n += 1
+        except (av.FFmpegError, EOFError) as exc:
+            raise TruncatedVideoError(
+                f"{path}: damaged or truncated video: decoding stopped after frame {n} "
+                f"of {expected or '?'} ({exc})",
+                frames_read=n,
+            ) from exc
+        if n == 0:
+            raise VideoError(f"{path}: no frame could be decoded (empty or corrupt video stream)")
+        # Containers announce their frame count; fewer decoded frames means the file
+        # was cut short (a few percent of slack: some muxers count imprecisely).
+        if expected and n < expected and expected - n > max(2, 0.01 * expected):
+            raise TruncatedVideoError(
+                f"{path}: truncated video: only {n} of {expected} frames decode; "
+                f"decoding stopped at frame {n}",
+                frames_read=n,
+            )
+    finally:
+        container.close()
+
+
+def iter_batches(
+    path: str | os.PathLike,
+    batch_size: int,
+    *,
+    size: tuple[int, int] | None = None,
+    colour_order: str = "RGB",
+    queue_batches: int = 3,
+    max_frames: int | None = None,
+) -> Iterator[FrameBatch]:
+    """Stream a video as :class:`FrameBatch` es decoded on a background thread.
+
+    Parameters
+    ----------
+    path : path-like
+    batch_size : int
+        Frames per batch (the last batch may be shorter).
+    size : (int, int), optional
+        ``(width, height)`` to resize every frame to while decoding.
+    colour_order : {"RGB", "BGR"}
+    queue_batches : int
+        Bound of the hand-over queue; with the batch being filled and the one being
+        consumed, at most ``queue_batches + 2`` batches exist at once.
+    max_frames : int, optional
+        Stop after this many frames.
+
+    Raises
+    ------
+    VideoError, TruncatedVideoError
+        As :func:`iter_frames`; a truncation is raised after the frames that did decode.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    probe(path)  # fail fast, in the caller's thread, on unreadable files
+    q: queue.Queue = queue.Queue(maxsize=max(1, queue_batches))
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> None:
+        while True:
+            if stop.is_set():
+                raise _Stop
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def worker() -> None:
+        buf: list[np.ndarray] = []
+        start = 0
+        try:
+            for frame in iter_frames(path, size=size, colour_order=colour_order, max_frames=max_frames):
+                buf.append(frame)
+                if len(buf) == batch_size:
+                    put(FrameBatch(start, np.stack(buf)))
+                    start += len(buf)
+                    buf = []
+            if buf:
+                put(FrameBatch(start, np.stack(buf)))
+            put(done)
+        except _Stop:
+            return
+        except BaseException as exc:  # handed to the consumer, raised there
+            try:
+                if buf:
+                    put(FrameBatch(start, np.stack(buf)))
+                put(exc)
+            except _Stop:
+                return
+
+    thread = threading.Thread(target=worker, name="posezoo-video-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+class VideoWriter:
+    """Encode RGB frames to a video file with PyAV; written to a temporary name and
+    moved into place on success, so a failed write leaves nothing behind.
+
+    ``codec="libx264"`` gives browser-playable H.264 (yuv420p, faststart for MP4);
+    frames of odd size are padded to even by one black row/column.
+    """
+
+    def __init__(self, path: str | os.PathLike, width: int, height: int, fps: float, *,
+                 codec: str = "libx264", crf: int = 23, preset: str = "veryfast"):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.width, self.height = int(width), int(height)
+        self.even_w, self.even_h = self.width + self.width % 2, self.height + self.height % 2
+        self._tmp = self.path.with_name(f".{self.path.stem}.part{self.path.suffix}")
+        options = {"movflags": "+faststart"} if self.path.suffix.lower() in (".mp4", ".mov", ".m4v") else {}
+        self._container = av.open(str(self._tmp), mode="w", options=options)
+        rate = _fraction_fps(fps) if fps > 0 else Fraction(30)
+        self._stream = self._container.add_stream(codec, rate=rate)
+        self._stream.width, self._stream.height, self._stream.pix_fmt = self.even_w, self.even_h, "yuv420p"
+        if codec == "libx264":
+            self._stream.options = {"crf": str(crf), "preset": preset}
+        self._canvas = np.zeros((self.even_h, self.even_w, 3), np.uint8)
+        self.frames_written = 0
+
+    def write(self, frame: np.ndarray) -> None:
+        """Append one ``(height, width, 3)`` uint8 RGB frame."""
+        if frame.shape[:2] != (self.height, self.width):
+            raise ValueError(f"frame of shape {frame.shape} does not fit a {self.width}x{self.height} video")
+        self._canvas[: self.height, : self.width] = frame
+        vf = av.VideoFrame.from_ndarray(self._canvas, format="rgb24").reformat(format="yuv420p")
+        for packet in self._stream.encode(vf):
+            self._container.mux(packet)
+        self.frames_written += 1
+
+    def close(self) -> Path:
+        for packet in self._stream.encode():
+            self._container.mux(packet)
+        self._container.close()
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._container.close()
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
