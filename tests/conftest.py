@@ -1,0 +1,85 @@
+"""Shared fixtures: real videos, real ONNX models, a real S3 server, a pre-populated
+Hugging Face cache. Nothing here reaches the network."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+# Tests never go online: huggingface_hub reads this when it is imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data" / "openfield"
+OPENFIELD_VIDEO = SHARED / "videos" / "m3v1mp4.mp4"
+OPENFIELD_FRAMES = 2330
+TINY = "posezoo_tiny_mouse"
+
+
+@pytest.fixture(scope="session")
+def openfield_video() -> Path:
+    if not OPENFIELD_VIDEO.exists():
+        pytest.fail(f"the real openfield data is missing: {OPENFIELD_VIDEO} (see DEVELOPERS.md)")
+    return OPENFIELD_VIDEO
+
+
+@pytest.fixture(scope="session")
+def mouse_video(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """A 60-frame synthetic 320x240 H.264 mouse video and its ground truth (60, 1, 4, 3)."""
+    from posezoo.synthetic import make_mouse_video
+
+    path = tmp_path_factory.mktemp("videos") / "mouse.mp4"
+    truth = make_mouse_video(path, 60, 320, 240, 30.0, seed=3)
+    return path, truth
+
+
+@pytest.fixture(scope="session")
+def tiny_predictor():
+    import posezoo
+
+    return posezoo.load(TINY, device="cpu", threads=2)
+
+
+@pytest.fixture()
+def tiny_card_dir(tmp_path) -> Path:
+    """A private copy of the tiny model's catalog entry (card + ONNX)."""
+    src = REPO / "models" / TINY / "0.1.0"
+    dst = tmp_path / "catalog" / TINY / "0.1.0"
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    from s3server import start_s3
+
+    server = start_s3(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()
+
+
+def make_hf_cache(cache_dir: Path, repo_id: str, commit: str, files: dict[str, Path]) -> Path:
+    """Lay out a Hugging Face hub cache exactly as huggingface_hub writes it:
+    ``models--org--name/{blobs/<sha256>, snapshots/<commit>/<file> -> blob, refs/main}``."""
+    from posezoo.zoo import sha256_file
+
+    repo_dir = cache_dir / ("models--" + repo_id.replace("/", "--"))
+    (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    snap = repo_dir / "snapshots" / commit
+    snap.mkdir(parents=True, exist_ok=True)
+    for name, src in files.items():
+        blob = repo_dir / "blobs" / sha256_file(src)
+        shutil.copyfile(src, blob)
+        link = snap / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo_dir / "refs" / "main").write_text(commit)
+    return cache_dir

@@ -1,0 +1,144 @@
+import threading
+import time
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+
+import posezoo.video as video
+from conftest import OPENFIELD_FRAMES
+from posezoo.errors import TruncatedVideoError, VideoError
+from posezoo.synthetic import make_mouse_video, mouse_trajectory, render_mouse_frame
+
+
+def write_raw(path, n, width, height, fps, codec, pix_fmt):
+    """Encode with PyAV directly (our writer pads to even sizes; these must not)."""
+    truth = mouse_trajectory(n, width, height, seed=1)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=fps)
+        s.width, s.height, s.pix_fmt = width, height, pix_fmt
+        for pose in truth[:, 0]:
+            frame = av.VideoFrame.from_ndarray(render_mouse_frame(pose, width, height), format="rgb24")
+            for p in s.encode(frame.reformat(format=pix_fmt)):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path
+
+
+def test_probe_real_openfield(openfield_video):
+    info = video.probe(openfield_video)
+    assert (info.width, info.height, info.n_frames, info.codec) == (640, 480, OPENFIELD_FRAMES, "h264")
+    assert info.fps == pytest.approx(30.0, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    "name,codec,size,fps",
+    [
+        ("h264.mp4", "libx264", (320, 240), 30.0),
+        ("mpeg4.avi", "mpeg4", (320, 240), 25.0),
+        ("h264.mov", "libx264", (320, 240), 30000 / 1001),
+        ("mpeg4.mp4", "mpeg4", (160, 120), 12.5),
+    ],
+)
+def test_formats_stream_every_frame(tmp_path, name, codec, size, fps):
+    path = tmp_path / name
+    make_mouse_video(path, 23, *size, fps, codec=codec)
+    info = video.probe(path)
+    assert info.size == size and info.fps == pytest.approx(fps, rel=1e-3)
+    batches = list(video.iter_batches(path, 5, size=(80, 60), colour_order="BGR"))
+    assert [b.start for b in batches] == [0, 5, 10, 15, 20]
+    frames = np.concatenate([b.frames for b in batches])
+    assert frames.shape == (23, 60, 80, 3) and frames.dtype == np.uint8
+
+
+def test_odd_size_and_unknown_frame_count(tmp_path):
+    path = write_raw(tmp_path / "odd.mkv", 17, 321, 241, Fraction(30000, 1001), "libx264", "yuv444p")
+    info = video.probe(path)
+    assert info.size == (321, 241) and info.fps == pytest.approx(29.97, abs=0.01)
+    assert info.n_frames == pytest.approx(17, abs=1)  # mkv has no frame count: estimated from duration
+    frames = np.concatenate([b.frames for b in video.iter_batches(path, 4)])
+    assert frames.shape == (17, 241, 321, 3)
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [(b"", "file is empty"), (b"this is a text file, not a video\n" * 20, "not a readable video")],
+)
+def test_bad_files_give_clear_errors(tmp_path, content, message):
+    path = tmp_path / "bad.mp4"
+    path.write_bytes(content)
+    with pytest.raises(VideoError, match=message) as err:
+        video.probe(path)
+    assert str(path) in str(err.value)
+    with pytest.raises(VideoError, match=message):
+        list(video.iter_batches(path, 4))
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(VideoError, match="no such file"):
+        video.probe(tmp_path / "nope.mp4")
+    with pytest.raises(VideoError, match="is a directory"):
+        video.probe(tmp_path)
+
+
+def test_truncated_without_index_is_unreadable(openfield_video, tmp_path):
+    # DeepLabCut's mp4 has its index (moov) at the end: cut in half, nothing can be located
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(openfield_video.read_bytes()[: openfield_video.stat().st_size // 2])
+    with pytest.raises(VideoError, match="not a readable video"):
+        video.probe(path)
+
+
+def test_truncated_faststart_yields_good_frames_then_says_where(tmp_path):
+    full = tmp_path / "full.mp4"
+    make_mouse_video(full, 60, 320, 240)  # faststart: index first, so a cut file still opens
+    data = full.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: int(len(data) * 0.5)])
+    got = 0
+    with pytest.raises(TruncatedVideoError) as err:
+        for batch in video.iter_batches(cut, 8):
+            got += len(batch.frames)
+    assert 0 < got < 60 and err.value.frames_read == got
+    assert "truncated" in str(err.value) and f"stopped at frame {got}" in str(err.value) and str(cut) in str(err.value)
+
+
+def test_queue_bounds_decoded_frames_in_memory(monkeypatch, mouse_video):
+    path, _ = mouse_video
+    produced = []
+    real = video.iter_frames
+
+    def counting(*args, **kwargs):
+        for frame in real(*args, **kwargs):
+            produced.append(1)
+            yield frame
+
+    monkeypatch.setattr(video, "iter_frames", counting)
+    batches = video.iter_batches(path, 2, queue_batches=2)
+    next(batches)
+    time.sleep(0.5)  # a slow consumer: the decoder must wait, not run ahead
+    assert len(produced) <= (2 + 2) * 2 + 1
+    rest = sum(len(b.frames) for b in batches)
+    assert rest + 2 == 60
+
+
+def test_closing_early_stops_the_decoder_thread(mouse_video):
+    path, _ = mouse_video
+    before = threading.active_count()
+    batches = video.iter_batches(path, 2, queue_batches=1)
+    next(batches)
+    batches.close()
+    deadline = time.time() + 5
+    while threading.active_count() > before and time.time() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before
+
+
+def test_writer_leaves_nothing_behind_on_failure(tmp_path):
+    with pytest.raises(ValueError):
+        with video.VideoWriter(tmp_path / "x.mp4", 64, 48, 30) as w:
+            w.write(np.zeros((48, 64, 3), np.uint8))
+            w.write(np.zeros((10, 10, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []
