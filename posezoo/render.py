@@ -50,7 +50,7 @@ def draw_poses(
         t_ok = (np.nan_to_num(trail[..., 2], nan=0.0) >= pcutoff).all(axis=0)
         t_pts = np.nan_to_num(trail[..., :2], nan=-1.0).round().astype(np.int32)
         for i, k in zip(*np.nonzero(t_ok)):
-            cv2.polylines(frame, [t_pts[:, i, k]], False, colours[k].tolist(), 1, cv2.LINE_AA)
+            cv2.polylines(frame, [np.ascontiguousarray(t_pts[:, i, k]).reshape(-1, 1, 2)], False, colours[k].tolist(), 1, cv2.LINE_AA)
     for i in range(poses.shape[0]):
         for a, b in skeleton_idx:
             if ok[i, a] and ok[i, b]:

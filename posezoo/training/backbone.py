@@ -136,7 +136,7 @@ class EfficientNetLite0(nn.Module):
         -------
         dict of int to Tensor
             ``{stride: (N, C, ceil(H / stride), ceil(W / stride))}`` for the strides
-            reached: 4 (24 channels), 8 (40), 16 (112) and 32 (320).
+            reached: 2 (16 channels), 4 (24), 8 (40), 16 (112) and 32 (320).
         """
         last = len(self._blocks) - 1 if upto is None else upto
         y = F.relu6(self._bn0(self._conv_stem(x)))

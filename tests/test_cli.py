@@ -1,0 +1,111 @@
+"""The CLI as a user meets it: real subprocesses, real files, the real openfield video."""
+
+import json
+import os
+import subprocess
+import sys
+
+import av
+import pytest
+
+from conftest import OPENFIELD_FRAMES
+
+
+def posezoo(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "posezoo", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=600)
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("posezoo: error:"), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.slow
+def test_predict_real_openfield_video_all_outputs(openfield_video, tmp_path):
+    from movement.io import load_poses
+
+    r = posezoo("predict", openfield_video, "--out", tmp_path, "--format", "h5,csv,json,parquet",
+                "--labeled-video", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert f"{OPENFIELD_FRAMES} frames" in r.stdout and "CPUExecutionProvider" in r.stdout
+    stem = "m3v1mp4_posezoo_tiny_mouse"
+    ds = load_poses.from_dlc_file(tmp_path / f"{stem}.h5", fps=30)
+    assert ds.sizes["time"] == OPENFIELD_FRAMES
+    assert list(ds.keypoints.values) == ["snout", "leftear", "rightear", "tailbase"]
+    assert load_poses.from_dlc_file(tmp_path / f"{stem}.csv").sizes["time"] == OPENFIELD_FRAMES
+    assert len(json.loads((tmp_path / f"{stem}.json").read_text())["frames"]) == OPENFIELD_FRAMES
+    assert (tmp_path / f"{stem}.parquet").stat().st_size > 0
+    meta = json.loads((tmp_path / f"{stem}.meta.json").read_text())
+    assert meta["video"]["n_frames"] == OPENFIELD_FRAMES and meta["runtime"]["providers"] == ["CPUExecutionProvider"]
+    with av.open(str(tmp_path / "m3v1mp4_labeled.mp4")) as c:
+        s = c.streams.video[0]
+        assert (s.codec_context.name, s.pix_fmt, s.frames) == ("h264", "yuv420p", OPENFIELD_FRAMES)
+        assert sum(1 for _ in c.decode(s)) == OPENFIELD_FRAMES
+
+
+def test_bad_inputs_give_one_clear_line(tmp_path, openfield_video):
+    text = tmp_path / "notes.mp4"
+    text.write_text("these are my notes, not a video\n" * 10)
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(openfield_video.read_bytes()[:400_000])
+    for path, needle in ((text, "not a readable video"), (empty, "file is empty"), (cut, "not a readable video"),
+                         (tmp_path / "missing.mp4", "no such file")):
+        r = posezoo("predict", path, "--out", tmp_path / "out", "--no-progress")
+        assert_one_line_error(r, str(path), needle)
+    assert_one_line_error(posezoo("predict", text, "--model", "superanimal_mouse"), "unknown model", "did you mean")
+    assert_one_line_error(posezoo("predict", text, "--model", "horse_sideview"), "not published yet")
+    r = posezoo("predict", text, "--format", "h5,xlsx")
+    assert r.returncode == 2 and "unknown format" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_truncated_faststart_video_writes_partial_results_and_fails(tmp_path):
+    from posezoo.synthetic import make_mouse_video
+
+    full = tmp_path / "full.mp4"
+    make_mouse_video(full, 60, 320, 240)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    r = posezoo("predict", cut, "--out", tmp_path / "out", "--no-progress")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "truncated" in r.stderr and "frames that decoded" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    meta = json.loads((tmp_path / "out" / "cut_posezoo_tiny_mouse.meta.json").read_text())
+    assert 0 < meta["truncated"]["frames_read"] < 60
+
+
+def test_zoo_commands():
+    r = posezoo("zoo", "list", "--json")
+    listed = {m["name"]: m for m in json.loads(r.stdout)}
+    assert listed["posezoo_tiny_mouse"]["published"] and not listed["superanimal_quadruped"]["published"]
+    assert "superanimal_topviewmouse" in posezoo("zoo", "list").stdout
+    assert "keypoints:" in posezoo("zoo", "show", "dog").stdout
+    r = posezoo("zoo", "pull", "posezoo_tiny_mouse")
+    assert r.returncode == 0 and "sha256 verified" in r.stdout
+
+
+def test_demo_video_then_predict(tmp_path):
+    r = posezoo("demo-video", tmp_path / "demo.mp4", "--frames", "30", "--size", "320x240")
+    assert r.returncode == 0, r.stderr
+    r = posezoo("predict", tmp_path / "demo.mp4", "--out", tmp_path, "--format", "json", "--labeled-video",
+                "--filter", "median", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "demo_labeled.mp4").exists() and (tmp_path / "demo_posezoo_tiny_mouse.json").exists()
+
+
+def test_bench_reports_every_figure(mouse_video):
+    path, _ = mouse_video
+    r = posezoo("bench", "--video", path, "--json", "--batch-size", "8")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    for key in ("model_only_fps", "end_to_end_fps", "pipeline_efficiency", "share_preprocess", "share_decoding",
+                "share_video_wait", "peak_rss_mb_full", "peak_rss_mb_tenth", "peak_rss_ratio"):
+        assert res[key] > 0, key
+    assert res["frames"] == 60 and res["frames_tenth"] == 6
+    r = posezoo("bench", "--video", path, "--no-rss", "--frames", "20")
+    assert r.returncode == 0 and "pipeline efficiency" in r.stdout and "20 frames" in r.stdout
