@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     dv.add_argument("--size", default="640x480", help="WIDTHxHEIGHT")
     dv.add_argument("--fps", type=float, default=30.0)
     dv.add_argument("--seed", type=int, default=0)
+    _add_training_commands(sub)
     return parser
 
 
@@ -165,9 +166,95 @@ def _demo_cmd(args) -> int:
     return 0
 
 
+# -- training and evaluation (posezoo[train] for `train`; `evaluate` is torch-free) ----------
+def _pairs(text: str) -> list[tuple[str, str]]:
+    """``"a-b,c-d"`` -> ``[("a", "b"), ("c", "d")]``."""
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        a, sep, b = item.partition("-")
+        if not sep or not a.strip() or not b.strip():
+            raise argparse.ArgumentTypeError(f"pairs look like a-b,c-d; got {item!r}")
+        out.append((a.strip(), b.strip()))
+    return out
+
+
+def _add_training_commands(sub) -> None:
+    tr = sub.add_parser("train", help="train a model on DeepLabCut labelled frames (needs posezoo[train])")
+    tr.add_argument("labelled", metavar="LABELLED_DATA", help="CollectedData_<scorer>.csv/.h5 or its folder")
+    tr.add_argument("--name", required=True, help="model name, e.g. posezoo_mouse")
+    tr.add_argument("--version", default="0.1.0")
+    tr.add_argument("--store", default="models", help="catalog dir, file:///dir, s3://bucket/prefix or hf://org/repo")
+    tr.add_argument("--catalog", default=None, help="where the card goes for a remote store")
+    tr.add_argument("--species", default="mouse", help="comma-separated")
+    tr.add_argument("--alias", action="append", default=[], help="alias of the model (repeatable)")
+    tr.add_argument("--keypoints", default=None, help="comma-separated subset/order (default: all labelled)")
+    tr.add_argument("--skeleton", type=_pairs, default=[], help="edges a-b,c-d")
+    tr.add_argument("--flip-pairs", type=_pairs, default=[], help="left/right pairs swapped by mirroring: a-b,...")
+    tr.add_argument("--test", action="append", default=None, metavar="GLOB",
+                    help="test frames by glob on the image name/path (repeatable), e.g. 'img01[01]*'")
+    tr.add_argument("--test-fraction", type=float, default=0.05, help="random test share when --test is not given")
+    tr.add_argument("--init", default=None, help="fine-tune from a checkpoint .pt or a zoo model (default: ImageNet)")
+    tr.add_argument("--steps", type=_positive, default=None)
+    tr.add_argument("--batch-size", type=_positive, default=None)
+    tr.add_argument("--lr", type=float, default=None)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--threads", type=_positive, default=None, help="PyTorch threads (default: all cores)")
+    tr.add_argument("--workdir", default=None, help="checkpoints and exports (default: a temporary dir)")
+    tr.add_argument("--no-progress", action="store_true")
+
+    ev = sub.add_parser("evaluate", help="pixel error, RMSE and PCK of a model on DeepLabCut labelled frames")
+    ev.add_argument("model", metavar="MODEL", help="name[@version], alias or card.yaml")
+    ev.add_argument("labelled", metavar="LABELLED_DATA", help="CollectedData_<scorer>.csv/.h5 or its folder")
+    ev.add_argument("--test", action="append", default=None, metavar="GLOB",
+                    help="test frames (default: the split recorded in the model card)")
+    ev.add_argument("--out", default=None, help="write evaluation.json and a PNG grid of test frames here")
+    ev.add_argument("--threads", type=_positive, default=None)
+    ev.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "tensorrt"])
+    ev.add_argument("--json", action="store_true")
+
+
+def _train_cmd(args) -> int:
+    try:
+        from .training import ModelInfo, TrainConfig, train_model
+    except ImportError as exc:  # torch missing (or broken)
+        raise PosezooError(f"`posezoo train` needs PyTorch: install posezoo[train] ({exc})") from None
+    import dataclasses
+
+    from .training.pipeline import command_line
+
+    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr)) if v}
+    cfg = dataclasses.replace(TrainConfig(), seed=args.seed, threads=args.threads, **overrides)
+    info = ModelInfo(name=args.name, version=args.version,
+                     species=tuple(s.strip() for s in args.species.split(",") if s.strip()),
+                     aliases=tuple(args.alias), skeleton=tuple(args.skeleton), flip_pairs=tuple(args.flip_pairs))
+    card = train_model(args.labelled, info, args.store, cfg=cfg, test=args.test, test_fraction=args.test_fraction,
+                       keypoints=[k.strip() for k in args.keypoints.split(",")] if args.keypoints else None,
+                       init=args.init, workdir=args.workdir, catalog=args.catalog,
+                       command=command_line(sys.argv[1:] if args.argv is None else args.argv),
+                       progress=not args.no_progress)
+    print(f"{card.ref}: registered in {args.store} (sha256 {card.artefact.sha256[:12]}…)")
+    return 0
+
+
+def _evaluate_cmd(args) -> int:
+    from .evaluate import evaluate_model, format_evaluation, write_report
+
+    ev = evaluate_model(args.model, args.labelled, test=args.test, device=args.device, threads=args.threads)
+    print(json.dumps(ev.as_dict(), indent=2) if args.json else format_evaluation(ev))
+    if args.out:
+        from .predictor import load
+
+        skeleton = load(args.model, device="cpu").card.skeleton
+        paths = write_report(ev, args.out, skeleton=skeleton)
+        print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"zoo": _zoo_cmd, "predict": _predict_cmd, "bench": _bench_cmd, "demo-video": _demo_cmd}
+    args.argv = argv
+    handlers = {"zoo": _zoo_cmd, "predict": _predict_cmd, "bench": _bench_cmd, "demo-video": _demo_cmd,
+                "train": _train_cmd, "evaluate": _evaluate_cmd}
     try:
         return handlers[args.command](args)
     except PosezooError as exc:

@@ -3,6 +3,7 @@ import time
 from fractions import Fraction
 
 import av
+import cv2
 import numpy as np
 import pytest
 
@@ -142,3 +143,38 @@ def test_writer_leaves_nothing_behind_on_failure(tmp_path):
             w.write(np.zeros((48, 64, 3), np.uint8))
             w.write(np.zeros((10, 10, 3), np.uint8))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "codec,pix_fmt,colorspace",
+    [("libx264", "yuv420p", None), ("libx264", "yuv444p", None), ("mjpeg", "yuvj420p", None),
+     ("libx264", "yuv420p", "bt709"), ("ffv1", "bgr0", None)],
+)
+def test_fast_colour_conversion_matches_ffmpeg(tmp_path, codec, pix_fmt, colorspace):
+    path = tmp_path / "c.mkv"
+    truth = mouse_trajectory(3, 320, 240, seed=2)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=30)
+        s.width, s.height, s.pix_fmt = 320, 240, pix_fmt
+        if colorspace:
+            s.codec_context.colorspace = av.video.reformatter.Colorspace.ITU709
+        for pose in truth[:, 0]:
+            img = render_mouse_frame(pose, 320, 240)
+            yy, xx = np.mgrid[0:60, 0:320]  # smooth saturated colours too (4:2:0 cannot carry noise)
+            img[:60] = np.stack([xx * 255 // 319, 255 - xx * 255 // 319, yy * 4], -1).astype(np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format=pix_fmt)):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    with av.open(str(path)) as c:
+        frame = next(c.decode(video=0))
+        for size in (None, (160, 120)):
+            for order in ("RGB", "BGR"):
+                ours = video.frame_to_array(frame, size, order).astype(int)
+                # FFmpeg's own conversion at full size, then an exact area resize
+                ref = frame.to_ndarray(format="rgb24" if order == "RGB" else "bgr24")
+                if size:
+                    ref = cv2.resize(ref, size, interpolation=cv2.INTER_AREA)
+                ref = ref.astype(int)
+                assert ours.shape == ref.shape
+                assert np.abs(ours - ref).mean() < 2.0 and np.percentile(np.abs(ours - ref), 99) <= 8

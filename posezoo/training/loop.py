@@ -42,7 +42,7 @@ class TrainConfig:
     sigma: float = 3.0
     locref_radius: float = 8.0
     locref_std: float = 4.0
-    locref_weight: float = 2.0
+    locref_weight: float = 20.0
     head_width: int = 64
     pretrained: bool = True
     seed: int = 0
@@ -84,12 +84,12 @@ def pose_loss(heat_logits: torch.Tensor, locref: torch.Tensor, batch: dict[str, 
     """
     hw = batch["heatmap_weight"]
     bce = F.binary_cross_entropy_with_logits(heat_logits, batch["heatmap"], reduction="none")
-    heat = (bce * hw).sum() / hw.sum().clamp(min=1.0) / 100.0
+    heat = (bce * hw).sum() / hw.sum().clamp(min=1.0)
     lw = batch["locref_weight"]
     hub = F.smooth_l1_loss(locref, batch["locref"], reduction="none", beta=1.0)
     loc = (hub * lw).sum() / lw.sum().clamp(min=1.0)
     total = heat + locref_weight * loc
-    return total, {"heatmap": float(heat), "locref": float(loc)}
+    return total, {"heatmap": float(heat.detach()), "locref": float(loc.detach())}
 
 
 def predict_torch(model: PoseNet, images: np.ndarray, cfg: TrainConfig, batch_size: int = 16) -> np.ndarray:
@@ -242,7 +242,8 @@ def fit(train_images: np.ndarray, train_coords: np.ndarray, flip_perm: np.ndarra
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            running = float(loss) if running is None else 0.95 * running + 0.05 * float(loss)
+            value = float(loss.detach())
+            running = value if running is None else 0.95 * running + 0.05 * value
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{running:.4f}", heat=f"{parts['heatmap']:.4f}", locref=f"{parts['locref']:.4f}")

@@ -1,0 +1,150 @@
+"""Pydantic schemas of jobs: what a client sends, what the store keeps, what a client sees."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..table import FORMATS
+
+JobStatus = Literal["uploading", "queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+Stage = Literal["uploading", "queued", "fetching", "predicting", "writing", "rendering", "storing", "done"]
+
+#: Result kinds a job can produce, with their file suffix and content type.
+RESULT_KINDS: dict[str, tuple[str, str]] = {
+    "h5": (".h5", "application/x-hdf5"),
+    "csv": (".csv", "text/csv; charset=utf-8"),
+    "json": (".json", "application/json"),
+    "parquet": (".parquet", "application/vnd.apache.parquet"),
+    "video": ("_labeled.mp4", "video/mp4"),
+    "meta": (".meta.json", "application/json"),
+}
+
+
+class JobOptions(BaseModel):
+    """Options of a video job (query string, form fields or JSON body)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str | None = Field(None, description="zoo model name[@version] or alias (default: the server's default)")
+    formats: list[str] = Field(default_factory=lambda: ["h5", "csv"], description=f"any of {', '.join(FORMATS)}")
+    labeled_video: bool = Field(True, description="also render an H.264 labelled video")
+    batch_size: int = Field(16, ge=1, le=256)
+    filter: Literal["median", "savgol"] | None = Field(None, description="temporal filter of the positions")
+    filter_window: int = Field(5, ge=1, le=101)
+    pcutoff: float | None = Field(None, ge=0, le=1, description="confidence cutoff for drawing (default: the card's)")
+    trail: int = Field(0, ge=0, le=300, description="trail length in frames drawn in the labelled video")
+    allow_truncated: bool = Field(False, description="on a truncated video keep the frames that decoded")
+
+    @field_validator("formats", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [f for f in v.split(",")]
+        if isinstance(v, (list, tuple)):
+            flat: list[str] = []
+            for item in v:
+                flat += [f.strip().lower() for f in str(item).split(",") if f.strip()]
+            return flat
+        return v
+
+    @field_validator("formats")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        bad = [f for f in v if f not in FORMATS]
+        if bad:
+            raise ValueError(f"unknown format(s) {bad}: choose from {', '.join(FORMATS)}")
+        if not v:
+            raise ValueError(f"at least one format is needed: choose from {', '.join(FORMATS)}")
+        return list(dict.fromkeys(v))
+
+
+class JobRequest(JobOptions):
+    """JSON body of a job whose video is named by a URI instead of uploaded."""
+
+    source: str = Field(..., description="s3://bucket/key (or https://… when the server allows it)")
+
+
+class Progress(BaseModel):
+    stage: str = "queued"
+    frames_done: int = 0
+    frames_total: int | None = None
+    fps: float | None = None
+    eta_s: float | None = None
+    fraction: float = 0.0
+
+
+class ResultFile(BaseModel):
+    kind: str
+    filename: str
+    bytes: int
+    content_type: str
+    location: str = Field(description="'local' or the s3:// URI")
+
+
+class JobRecord(BaseModel):
+    """One job, as the store keeps it. ``owner`` is an API key's name, never the key."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: str
+    owner: str
+    status: JobStatus = "queued"
+    options: JobOptions
+    model: str
+    source: dict[str, Any] = Field(default_factory=dict, description="kind, uri or filename, bytes")
+    input_path: str | None = None
+    progress: Progress = Field(default_factory=Progress)
+    results: dict[str, ResultFile] = Field(default_factory=dict)
+    error: dict[str, str] | None = None
+    attempts: int = 0
+    notes: list[str] = Field(default_factory=list)
+    created_at: float = Field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    n_frames: int | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+class JobView(BaseModel):
+    """What a client sees of a job (``GET /v1/jobs/{id}``)."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: str
+    status: JobStatus
+    model: str
+    options: JobOptions
+    source: dict[str, Any]
+    progress: Progress
+    results: dict[str, str] = Field(default_factory=dict, description="result kind -> download path")
+    error: dict[str, str] | None = None
+    attempts: int
+    notes: list[str]
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    n_frames: int | None = None
+
+    @classmethod
+    def of(cls, rec: JobRecord, base: str = "/v1") -> "JobView":
+        return cls(
+            id=rec.id, status=rec.status, model=rec.model, options=rec.options, source=rec.source,
+            progress=rec.progress, error=rec.error, attempts=rec.attempts, notes=rec.notes,
+            created_at=rec.created_at, started_at=rec.started_at, finished_at=rec.finished_at,
+            n_frames=rec.n_frames,
+            results={k: f"{base}/jobs/{rec.id}/results/{k}" for k in rec.results},
+        )
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: ``{"error": code, "detail": one line a user can act on}``."""
+
+    error: str
+    detail: str

