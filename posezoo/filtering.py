@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy import signal
 
 from .errors import InputError
 
@@ -51,6 +50,8 @@ def filter_poses(data: np.ndarray, method: str = "median", window: int = 5, poly
 
         smooth = median_filter(filled, size=(w,) + (1,) * (filled.ndim - 1), mode="nearest")
     elif method == "savgol":
+        from scipy import signal  # imported when used: scipy.signal costs ~1 s at start-up
+
         if polyorder >= w:
             raise InputError(f"savgol polyorder ({polyorder}) must be smaller than the window ({w})")
         smooth = signal.savgol_filter(filled, w, polyorder, axis=0, mode="interp" if n >= w else "nearest")
