@@ -1,14 +1,15 @@
 """Video in: probe a file and stream its frames in batches through a bounded queue.
 
 Frames are decoded by PyAV (FFmpeg) on a background thread, resized and converted to
-the network's colour order inside FFmpeg's scaler, and handed over in batches of at
-most ``batch_size`` frames through a queue of ``queue_batches`` slots. So decoding
-overlaps inference and at most ``(queue_batches + 2) * batch_size`` frames are in
+the network's colour order (OpenCV for planar YUV, FFmpeg's scaler otherwise), and
+handed over in batches of at most ``batch_size`` frames through a queue of
+``queue_batches`` slots. So decoding overlaps inference and at most ``(queue_batches + 2) * batch_size`` frames are in
 memory, whatever the length of the video.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import threading
@@ -130,12 +131,12 @@ class _Stop(Exception):
 # Planar 8-bit YUV formats converted by OpenCV instead of FFmpeg's scaler: resizing
 # the planes first and converting colour at the (smaller) network size is several
 # times cheaper, which matters because decoding shares the cores with inference.
-_PLANAR_YUV = {"yuv420p": (2, 2), "yuvj420p": (2, 2), "yuv422p": (2, 1), "yuvj422p": (2, 1),
-               "yuv444p": (1, 1), "yuvj444p": (1, 1)}
+_PLANAR_YUV = frozenset({"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p"})
 _KR_KB = {1: (0.2126, 0.0722)}  # BT.709; everything else as FFmpeg's default, BT.601
 _BT601 = (0.299, 0.114)
 
 
+@functools.lru_cache(maxsize=16)
 def yuv_to_rgb_matrix(colorspace: int, full_range: bool, colour_order: str = "RGB") -> np.ndarray:
     """The 3x4 affine matrix taking ``(Y, Cb, Cr, 1)`` to ``(R, G, B)`` (or BGR).
 
@@ -154,7 +155,9 @@ def yuv_to_rgb_matrix(colorspace: int, full_range: bool, colour_order: str = "RG
     m = m * np.array([ys, cs, cs])
     offset = -(m @ np.array([yo, 128.0, 128.0]))
     out = np.concatenate([m, offset[:, None]], axis=1)
-    return out[::-1].copy() if colour_order.upper() == "BGR" else out
+    out = out[::-1].copy() if colour_order.upper() == "BGR" else out
+    out.setflags(write=False)  # shared by the cache
+    return out
 
 
 def frame_to_array(frame, size: tuple[int, int] | None, colour_order: str = "RGB") -> np.ndarray:
@@ -164,8 +167,7 @@ def frame_to_array(frame, size: tuple[int, int] | None, colour_order: str = "RGB
 
     w, h = frame.width, frame.height
     tw, th = size if size is not None else (w, h)
-    sub = _PLANAR_YUV.get(frame.format.name)
-    if sub is None:  # anything else: FFmpeg's scaler does it all
+    if frame.format.name not in _PLANAR_YUV:  # anything else: FFmpeg's scaler does it all
         kwargs = {"format": "rgb24" if colour_order.upper() == "RGB" else "bgr24"}
         if (tw, th) != (w, h):
             kwargs.update(width=tw, height=th, interpolation=RESIZE_INTERPOLATION)
@@ -191,10 +193,10 @@ def iter_frames(
 ) -> Iterator[np.ndarray]:
     """Yield frames one by one, shape ``(height, width, 3)`` uint8, in the same thread.
 
-    ``size`` is ``(width, height)`` to resize to inside FFmpeg; ``max_frames`` stops
-    early. At the end, if fewer
-    frames decoded than the header announced, or the decoder hit damaged data,
-    :class:`TruncatedVideoError` is raised after the good frames were yielded.
+    ``size`` is ``(width, height)`` to resize to (see :func:`frame_to_array`);
+    ``max_frames`` stops early. At the end, if fewer frames decoded than the header
+    announced, or the decoder hit damaged data, :class:`TruncatedVideoError` is raised
+    after the good frames were yielded.
     """
     container, stream = _open(path)
     stream.thread_type = "AUTO"
