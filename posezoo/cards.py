@@ -57,6 +57,13 @@ class OutputSpec(_Strict):
     stride: float = Field(8.0, gt=0)
     locref_std: float = 7.2801
     heatmap_activation: Literal["none", "sigmoid"] = "none"
+    #: Clip likelihoods to [0, 1] after the argmax (DeepLabCut's ``clip_scores``); the
+    #: argmax itself is taken on the raw heatmap, as DeepLabCut does.
+    clip_scores: bool = False
+    #: Decode with the nominal ``stride`` instead of the measured input/heatmap ratio
+    #: (DeepLabCut's PyTorch predictors use the model's stride, e.g. 8 for a ResNet-50
+    #: head whose 256 px crop gives 33x33 heatmaps).
+    nominal_stride: bool = False
 
 
 class Artefact(_Strict):
@@ -88,6 +95,40 @@ class Artefact(_Strict):
         return v or None
 
 
+class DetectorSpec(_Strict):
+    """A box detector's outputs and the pre-processing baked into its ONNX graph.
+
+    The runtime normalises the frame as ``input`` says (DeepLabCut's own normalisation);
+    torchvision's ``GeneralizedRCNNTransform`` (a second normalisation with ``graph_mean``
+    / ``graph_std`` and a resize so that the short side is ``graph_min_size``, the long
+    side at most ``graph_max_size``) runs inside the graph, exactly as in DeepLabCut.
+    ``boxes`` are ``x1, y1, x2, y2`` in input pixels, sorted by decreasing score; only
+    boxes with a score above ``score_threshold`` are returned by the graph.
+    """
+
+    boxes: str = "boxes"
+    scores: str = "scores"
+    labels: str | None = "labels"
+    batch: int | None = Field(1, ge=1)
+    score_threshold: float = Field(0.6, ge=0, le=1)
+    graph_min_size: int | None = None
+    graph_max_size: int | None = None
+    graph_mean: tuple[float, float, float] | None = None
+    graph_std: tuple[float, float, float] | None = None
+    architecture: str | None = None
+
+
+class TopDownSpec(_Strict):
+    """How a top-down pose model crops detections (DeepLabCut's ``top_down_crop``):
+    keep the box centre, grow it to the crop's aspect ratio (``with_context``), add
+    ``margin`` pixels, zero-pad outside the frame, resize to ``input.size``
+    (cv2 INTER_LINEAR)."""
+
+    margin: int = 0
+    with_context: bool = True
+    min_box_score: float | None = None
+
+
 class Upstream(_Strict):
     """The DeepLabCut checkpoint the artefact was converted from (or training data)."""
 
@@ -116,6 +157,8 @@ class ModelCard(_Strict):
     input: InputSpec = Field(default_factory=InputSpec)
     outputs: OutputSpec = Field(default_factory=OutputSpec)
     decoder: Literal["heatmap_argmax_locref", "detector_boxes"] = "heatmap_argmax_locref"
+    detection: DetectorSpec | None = None
+    top_down: TopDownSpec | None = None
     artefact: Artefact
     upstream: Upstream | None = None
     licence: str = "unknown"

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--pcutoff", type=float, default=None, help="hide points below this likelihood in the video")
     pr.add_argument("--trail", type=int, default=0, help="draw trails of this many frames")
     pr.add_argument("--no-progress", action="store_true")
+    pr.add_argument("--max-frames", type=_positive, default=None, help="only the first N frames")
+    pr.add_argument("--detector-every", type=_positive, default=1,
+                    help="top-down models: run the detector every N frames, boxes carried from poses in between")
+    pr.add_argument("--max-individuals", type=_positive, default=None, help="top-down models: animals per frame")
 
     be = sub.add_parser("bench", help="throughput, pipeline efficiency and memory on one video")
     be.add_argument("--model", default="default")
@@ -75,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     dv.add_argument("--fps", type=float, default=30.0)
     dv.add_argument("--seed", type=int, default=0)
     _add_training_commands(sub)
+    _add_remote_parser(sub)
     return parser
 
 
@@ -101,8 +106,8 @@ def _zoo_cmd(args) -> int:
 
         print(yaml.safe_dump(zoo.card(args.name).model_dump(mode="json", exclude_none=True), sort_keys=False), end="")
         return 0
-    resolved = zoo.resolve(args.name)
-    print(f"{resolved.card.ref}: {resolved.path} (from {resolved.source}, sha256 verified)")
+    for resolved in zoo.pull(args.name):  # converts unpublished SuperAnimal models with posezoo[conversion]
+        print(f"{resolved.card.ref}: {resolved.path} (from {resolved.source}, sha256 verified)")
     return 0
 
 
@@ -116,9 +121,12 @@ def _predict_cmd(args) -> int:
     for video in args.videos:
         name = Path(video).stem
         try:
+            top_down = {"detector_every": args.detector_every, "max_individuals": args.max_individuals} \
+                if predictor.card.task == "top_down" else {}
             table = predictor.predict_video(
                 video, batch_size=args.batch_size, progress=not args.no_progress,
                 filter=args.filter, filter_window=args.filter_window, allow_truncated=True,
+                max_frames=args.max_frames, **top_down,
             )
         except PosezooError as exc:
             print(f"posezoo: error: {exc}", file=sys.stderr)
@@ -148,6 +156,12 @@ def _bench_cmd(args) -> int:
 
     model = DEFAULT_MODEL if args.model == "default" else args.model
     predictor = load(model, device=args.device, threads=args.threads)
+    if predictor.card.task == "top_down":  # crops/s, detector, end-to-end with the detector every N frames
+        from .topdown import bench_top_down, format_top_down_bench
+
+        result = bench_top_down(predictor, args.video, frames=args.frames or 32, batch_size=args.batch_size)
+        print(json.dumps(result, indent=2) if args.json else format_top_down_bench(result))
+        return 0
     result = run_bench(predictor, model, args.video, batch_size=args.batch_size, max_frames=args.frames,
                        rss=not args.no_rss, threads=args.threads)
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
@@ -242,11 +256,63 @@ def _evaluate_cmd(args) -> int:
     ev = evaluate_model(args.model, args.labelled, test=args.test, device=args.device, threads=args.threads)
     print(json.dumps(ev.as_dict(), indent=2) if args.json else format_evaluation(ev))
     if args.out:
-        from .predictor import load
-
-        skeleton = load(args.model, device="cpu").card.skeleton
-        paths = write_report(ev, args.out, skeleton=skeleton)
+        paths = write_report(ev, args.out)
         print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    return 0
+
+
+# -- posezoo remote: the hosted service through posezoo.client --------------------------------
+def _add_remote_parser(sub) -> None:
+    rem = sub.add_parser("remote", help="use a posezoo server (the hosted service)").add_subparsers(
+        dest="remote_command", required=True)
+
+    def common(p):
+        p.add_argument("--url", required=True, help="the server, e.g. http://localhost:3000")
+        p.add_argument("--api-key", default=None, help="API key (default: $POSEZOO_API_KEY)")
+        p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (not per job)")
+
+    rp = rem.add_parser("predict", help="predict poses on a video on the server")
+    rp.add_argument("video", metavar="VIDEO", help="a local video (uploaded) or s3://bucket/key")
+    common(rp)
+    rp.add_argument("--model", default=None, help="zoo model (default: the server's)")
+    rp.add_argument("--out", default=".", help="output directory (default: current)")
+    rp.add_argument("--format", type=_formats, default=["h5", "csv"], help=f"comma-separated: {','.join(FORMATS)}")
+    rp.add_argument("--labeled-video", action="store_true", help="also download an H.264 labelled video")
+    rp.add_argument("--batch-size", type=_positive, default=None)
+    rp.add_argument("--filter", choices=["median", "savgol"], default=None)
+    rp.add_argument("--pcutoff", type=float, default=None)
+    rp.add_argument("--no-progress", action="store_true")
+    rm = rem.add_parser("models", help="list the server's models")
+    common(rm)
+    rj = rem.add_parser("job", help="show a job")
+    rj.add_argument("job_id")
+    common(rj)
+    rh = rem.add_parser("hash-key", help="print the sha256 of an API key, as the server configuration stores it")
+    rh.add_argument("key")
+
+
+def _remote_cmd(args) -> int:
+    if args.remote_command == "hash-key":
+        import hashlib  # as posezoo.service_config.hash_api_key (which needs the service extra)
+
+        print(hashlib.sha256(args.key.encode("utf-8")).hexdigest())
+        return 0
+    from .client import Client
+
+    with Client(args.url, api_key=args.api_key, timeout=args.timeout,
+                progress=not getattr(args, "no_progress", False)) as client:
+        if args.remote_command == "models":
+            for m in client.models():
+                print(f"{m['ref']:45s} {'ready' if m['ready'] else 'not ready':9s} {','.join(m['species'])}")
+            return 0
+        if args.remote_command == "job":
+            print(json.dumps(client.job(args.job_id), indent=2))
+            return 0
+        result = client.predict(args.video, model=args.model, formats=args.format, labeled_video=args.labeled_video,
+                                out=args.out, batch_size=args.batch_size, filter=args.filter, pcutoff=args.pcutoff)
+    job = result.job
+    print(f"{args.video}: {result.table.n_frames} frames on {args.url} (job {job['id']}, model {job['model']})"
+          f" -> {', '.join(str(p) for k, p in result.paths.items() if k != 'meta')}")
     return 0
 
 
@@ -255,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     handlers = {"zoo": _zoo_cmd, "predict": _predict_cmd, "bench": _bench_cmd, "demo-video": _demo_cmd,
                 "train": _train_cmd, "evaluate": _evaluate_cmd}
+    handlers["remote"] = _remote_cmd
     try:
         return handlers[args.command](args)
     except PosezooError as exc:

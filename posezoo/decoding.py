@@ -25,6 +25,7 @@ def decode_heatmaps(
     stride: float | tuple[float, float] | None = None,
     locref_std: float = 7.2801,
     activation: str = "none",
+    clip: bool = False,
 ) -> np.ndarray:
     """Decode heatmaps (and optional location refinement) to keypoints.
 
@@ -46,6 +47,8 @@ def decode_heatmaps(
     locref_std : float
         Scale of the location-refinement maps, in input pixels.
     activation : {"none", "sigmoid"}
+    clip : bool
+        Clip the likelihood to ``[0, 1]`` after the argmax (DeepLabCut's ``clip_scores``).
 
     Returns
     -------
@@ -67,6 +70,8 @@ def decode_heatmaps(
     flat = hm.reshape(n, k, h * w)
     idx = flat.argmax(axis=2)  # (n, k)
     conf = np.take_along_axis(flat, idx[..., None], axis=2)[..., 0]
+    if clip:
+        conf = np.clip(conf, 0.0, 1.0)
     iy, ix = np.divmod(idx, w)
     x = ix * np.float32(sx) + np.float32(0.5 * sx)
     y = iy * np.float32(sy) + np.float32(0.5 * sy)

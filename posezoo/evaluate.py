@@ -93,6 +93,7 @@ class Evaluation:
     predictions: np.ndarray  # (n_images, n_keypoints, 3)
     splits: dict  # name -> ndarray of frame indices
     metrics: dict  # split -> metrics_table
+    skeleton: tuple = ()  # the model card's edges, for drawing
 
     def as_dict(self) -> dict:
         return {
@@ -103,11 +104,12 @@ class Evaluation:
         }
 
 
-def evaluate_predictions(data: LabelledData, predictions: np.ndarray, splits: dict, model: str = "") -> Evaluation:
+def evaluate_predictions(data: LabelledData, predictions: np.ndarray, splits: dict, model: str = "",
+                         skeleton=()) -> Evaluation:
     """Metrics for given predictions ``(n_images, n_keypoints, 2 or 3)`` (pure)."""
     errors = point_errors(np.asarray(predictions)[..., :2], data.coords)
     metrics = {name: metrics_table(errors[np.asarray(idx, int)], data.keypoints) for name, idx in splits.items()}
-    return Evaluation(model, data, np.asarray(predictions), splits, metrics)
+    return Evaluation(model, data, np.asarray(predictions), splits, metrics, tuple(skeleton))
 
 
 def card_splits(card, data: LabelledData) -> dict | None:
@@ -144,7 +146,7 @@ def evaluate_model(model: str, labelled: str | Path, *, test: list[str] | None =
         splits = card_splits(predictor.card, data) or {"all": np.flatnonzero(data.visible.any(axis=1))}
     images = data.load_images("RGB")
     pred = predictor.predict_images(images, colour_order="RGB")[:, 0]
-    return evaluate_predictions(data, pred, splits, predictor.card.ref)
+    return evaluate_predictions(data, pred, splits, predictor.card.ref, predictor.card.skeleton)
 
 
 def format_evaluation(ev: Evaluation) -> str:
@@ -217,13 +219,13 @@ def draw_grid(data: LabelledData, predictions: np.ndarray, indices, path: str | 
     return path
 
 
-def write_report(ev: Evaluation, out_dir: str | Path, *, skeleton=()) -> dict[str, Path]:
-    """``evaluation.json`` and ``test_frames.png`` (or ``frames.png``) in ``out_dir``."""
+def write_report(ev: Evaluation, out_dir: str | Path) -> dict[str, Path]:
+    """``evaluation.json`` and ``<split>_frames.png`` (the test split if any) in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "evaluation.json"}
     paths["json"].write_text(json.dumps(ev.as_dict(), indent=2))
     split = "test" if len(ev.splits.get("test", [])) else next(iter(ev.splits))
     paths["grid"] = draw_grid(ev.data, ev.predictions, ev.splits[split][:16], out / f"{split}_frames.png",
-                              skeleton=skeleton)
+                              skeleton=ev.skeleton)
     return paths

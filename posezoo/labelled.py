@@ -143,7 +143,7 @@ def _read_table(path: Path):
     if path.suffix.lower() == ".h5":
         try:
             return pd.read_hdf(path)
-        except (OSError, ValueError, KeyError, ImportError) as exc:
+        except Exception as exc:  # pytables raises its own HDF5ExtError, pandas KeyError/ValueError
             raise InputError(f"{path}: cannot read this HDF5 label table ({exc})") from exc
     if path.suffix.lower() != ".csv":
         raise InputError(f"{path}: a label file must be CollectedData_<scorer>.csv or .h5")

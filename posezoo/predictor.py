@@ -270,10 +270,14 @@ def load(model: str = "default", *, device: str = "auto", threads: int | None = 
 
     Returns
     -------
-    PosePredictor
+    PosePredictor, or a :class:`posezoo.topdown.TopDownPredictor` for a ``top_down`` card
     """
     zoo = zoo or default_zoo()
     resolved: ResolvedModel = zoo.resolve(DEFAULT_MODEL if model == "default" else model)
+    if resolved.card.task == "top_down":  # detector + crops: posezoo.topdown.TopDownPredictor
+        from .topdown import load_top_down
+
+        return load_top_down(resolved, zoo, device=device, threads=threads)
     return PosePredictor(resolved.card, resolved.path, device=device, threads=threads,
                          source=resolved.source, sha256=resolved.card.artefact.sha256)
 

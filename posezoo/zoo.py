@@ -129,10 +129,12 @@ class Zoo:
         env = os.environ.get("POSEZOO_CATALOG")
         if env:
             dirs += [Path(p) for p in env.split(os.pathsep) if p]
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         if include_bundled:
+            # models converted on this machine by `posezoo zoo pull` win over unpublished bundled cards
+            dirs.append(self.converted_dir)
             dirs.append(bundled_catalog())
         self.catalogs = dirs
-        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.hf_cache_dir = str(hf_cache_dir) if hf_cache_dir else None
         self.s3_endpoint = s3_endpoint or os.environ.get("POSEZOO_S3_ENDPOINT") or None
         self._cards: dict[tuple[str, str], tuple[ModelCard, Path]] | None = None
@@ -196,7 +198,39 @@ class Zoo:
         """The card for ``"name[@version]"`` (an alias, or a path to a card file)."""
         return self._locate(spec)[0]
 
+    @property
+    def converted_dir(self) -> Path:
+        """Catalog of models converted locally from their upstream checkpoints (``zoo pull``)."""
+        return self.cache_dir / "converted"
+
     # -- artefacts ------------------------------------------------------------------------
+    def pull(self, spec: str, *, convert: bool = True) -> list[ResolvedModel]:
+        """Resolve ``spec`` (and the detector of a top-down model) into the local cache.
+
+        An artefact that is not published yet is converted locally from its upstream
+        DeepLabCut checkpoint when ``convert`` and the ``conversion`` extra is installed
+        (``pip install 'posezoo[conversion]'``; needs a network for the checkpoint), and
+        cached in :attr:`converted_dir`, where :meth:`resolve` finds it from then on.
+        """
+        card = self.card(spec)
+        specs = [spec] + ([card.detector] if card.task == "top_down" and card.detector else [])
+        try:
+            return [self.resolve(s) for s in specs]
+        except ArtefactNotPublishedError as exc:
+            if not convert:
+                raise
+            try:
+                from conversion.pull import convert_into_cache  # the optional extra; never imported otherwise
+            except ImportError as imp:
+                raise ArtefactNotPublishedError(
+                    f"{exc} -- to convert it on this machine install the conversion extra "
+                    f"(pip install 'posezoo[conversion]': PyTorch and DeepLabCut) and run `posezoo zoo pull {spec}` "
+                    f"with a network ({imp})"
+                ) from None
+            convert_into_cache(self, spec)
+            self.refresh()
+            return [self.resolve(s) for s in specs]
+
     def resolve(self, spec: str) -> ResolvedModel:
         """A verified local ONNX path for ``"name[@version]"``.
 

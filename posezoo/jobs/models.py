@@ -31,7 +31,7 @@ class JobOptions(BaseModel):
 
     model: str | None = Field(None, description="zoo model name[@version] or alias (default: the server's default)")
     formats: list[str] = Field(default_factory=lambda: ["h5", "csv"], description=f"any of {', '.join(FORMATS)}")
-    labeled_video: bool = Field(True, description="also render an H.264 labelled video")
+    labeled_video: bool = Field(False, description="also render an H.264 labelled video")
     batch_size: int = Field(16, ge=1, le=256)
     filter: Literal["median", "savgol"] | None = Field(None, description="temporal filter of the positions")
     filter_window: int = Field(5, ge=1, le=101)

@@ -177,7 +177,7 @@ class Sources:
                           + (" or https://…" if self.allow_https else ""), code="bad_source")
 
     def _check_s3(self, uri: str) -> dict:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         bucket, key = split_s3_uri(uri)
         if not key:
@@ -195,6 +195,9 @@ class Sources:
             if code in ("403", "AccessDenied"):
                 raise SourceError(f"{uri}: access denied", status=403, code="forbidden_source") from None
             raise SourceError(f"{uri}: S3 answered {code or exc}", status=502, code="s3_error") from None
+        except NoCredentialsError:
+            raise SourceError("this server has no S3 credentials: it cannot read s3:// sources", code="bad_source") \
+                from None
         except BotoCoreError as exc:
             raise SourceError(f"{uri}: S3 cannot be reached ({type(exc).__name__})", status=502, code="s3_error") from None
         size = int(head.get("ContentLength", 0))

@@ -31,10 +31,10 @@ class AugmentConfig:
     ``p_blur``/``blur_sigma``: Gaussian blur; ``p_noise``/``noise_sigma``: pixel noise.
     """
 
-    p_geometric: float = 0.85
+    p_geometric: float = 0.8
     rotation: float = 180.0
-    p_rotation: float = 0.7
-    scale: tuple[float, float] = (0.8, 1.2)
+    p_rotation: float = 0.5
+    scale: tuple[float, float] = (0.85, 1.15)
     shift: float = 0.25
     p_flip: float = 0.5
     brightness: float = 30.0

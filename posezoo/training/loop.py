@@ -31,24 +31,26 @@ class TrainConfig:
     ``locref_weight`` scales the offset loss against the heatmap loss.
     """
 
-    steps: int = 6000
+    steps: int = 1500
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 1.5e-3
     backbone_lr_factor: float = 0.5
     weight_decay: float = 1e-4
-    warmup_steps: int = 200
+    warmup_steps: int = 100
     min_lr_factor: float = 0.01
     input_hw: tuple[int, int] = (240, 320)
     sigma: float = 3.0
     locref_radius: float = 8.0
     locref_std: float = 4.0
     locref_weight: float = 20.0
+    pos_weight: float = 20.0
     head_width: int = 64
+    freeze_blocks: int = 5
     pretrained: bool = True
     seed: int = 0
     threads: int | None = None
-    checkpoint_every: int = 500
-    eval_every: int = 500
+    checkpoint_every: int = 250
+    eval_every: int = 200
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def as_dict(self) -> dict:
@@ -67,11 +69,12 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def pose_loss(heat_logits: torch.Tensor, locref: torch.Tensor, batch: dict[str, torch.Tensor],
-              locref_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+              locref_weight: float, pos_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """Heatmap + location-refinement loss.
 
-    Heatmaps: binary cross-entropy of the logits against the Gaussian targets, summed
-    over the cells and averaged over labelled keypoints (unlabelled ones weigh 0).
+    Heatmaps: binary cross-entropy of the logits against the Gaussian targets, each
+    cell weighted ``1 + pos_weight * target``, summed over the cells and averaged over
+    labelled keypoints (unlabelled ones weigh 0).
     Offsets: Huber loss over the cells near each labelled keypoint, averaged over them.
 
     Parameters
@@ -83,8 +86,11 @@ def pose_loss(heat_logits: torch.Tensor, locref: torch.Tensor, batch: dict[str, 
         ``locref_weight`` (B, 2K, h, w).
     """
     hw = batch["heatmap_weight"]
-    bce = F.binary_cross_entropy_with_logits(heat_logits, batch["heatmap"], reduction="none")
-    heat = (bce * hw).sum() / hw.sum().clamp(min=1.0)
+    target = batch["heatmap"]
+    bce = F.binary_cross_entropy_with_logits(heat_logits, target, reduction="none")
+    # cells near a keypoint weigh up to 1 + pos_weight: a few positive cells against
+    # thousands of background cells would otherwise learn the peaks very slowly
+    heat = (bce * hw * (1.0 + pos_weight * target)).sum() / hw.sum().clamp(min=1.0)
     lw = batch["locref_weight"]
     hub = F.smooth_l1_loss(locref, batch["locref"], reduction="none", beta=1.0)
     loc = (hub * lw).sum() / lw.sum().clamp(min=1.0)
@@ -135,8 +141,8 @@ class TrainResult:
 
 
 def _set_determinism(seed: int, threads: int | None) -> None:
+    """Seed PyTorch (the data pipeline has its own Generator) and pin its threads."""
     torch.manual_seed(seed)
-    np.random.seed(seed % (2**32))
     if threads:
         torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -210,7 +216,7 @@ def fit(train_images: np.ndarray, train_coords: np.ndarray, flip_perm: np.ndarra
     if abs(scale[0] - scale[1]) > 1e-6 * scale[0]:
         raise PosezooError(f"frames of {frame_wh[0]}x{frame_wh[1]} do not letterbox exactly into {w}x{h}; "
                            "choose an input size with the frames' aspect ratio")
-    model = build_model(train_coords.shape[1], cfg, init)
+    model = build_model(train_coords.shape[1], cfg, init).freeze_early(cfg.freeze_blocks)
     model.train()
     source = SampleSource(
         resize_frames(train_images, (w, h)), labels_to_network(train_coords, scale), flip_perm,
@@ -218,8 +224,9 @@ def fit(train_images: np.ndarray, train_coords: np.ndarray, flip_perm: np.ndarra
         mean=INPUT_MEAN, std=INPUT_STD, augment_cfg=cfg.augment, seed=cfg.seed,
     )
     test_small = resize_frames(test_images, (w, h)) if test_images is not None and len(test_images) else None
-    backbone = [p for n, p in model.named_parameters() if n.startswith(("stem", "blocks"))]
-    head = [p for n, p in model.named_parameters() if not n.startswith(("stem", "blocks"))]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    backbone = [p for n, p in trainable if n.startswith(("stem", "blocks"))]
+    head = [p for n, p in trainable if not n.startswith(("stem", "blocks"))]
     opt = torch.optim.AdamW([{"params": backbone, "lr": cfg.lr * cfg.backbone_lr_factor, "base": cfg.backbone_lr_factor},
                              {"params": head, "lr": cfg.lr, "base": 1.0}], lr=cfg.lr, weight_decay=cfg.weight_decay)
     work = Path(workdir) if workdir else None
@@ -238,7 +245,7 @@ def fit(train_images: np.ndarray, train_coords: np.ndarray, flip_perm: np.ndarra
                 group["lr"] = cfg.lr * group["base"] * lr_factor(step, cfg)
             batch = {k: torch.from_numpy(v) for k, v in source.batch(cfg.batch_size).items()}
             heat, loc = model(batch["image"])
-            loss, parts = pose_loss(heat, loc, batch, cfg.locref_weight)
+            loss, parts = pose_loss(heat, loc, batch, cfg.locref_weight, cfg.pos_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

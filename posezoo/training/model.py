@@ -80,6 +80,20 @@ class PoseNet(nn.Module):
         with torch.no_grad():  # heatmaps start near 0 (sigmoid(-4) ~ 0.018)
             self.out.bias[:n_keypoints] = -4.0
 
+    def freeze_early(self, n_blocks: int) -> "PoseNet":
+        """Freeze the stem and the first ``n_blocks`` backbone blocks (weights and
+        BatchNorm statistics): the high-resolution layers then cost no backward pass."""
+        self.frozen = [self.stem, *self.blocks[:n_blocks]] if n_blocks > 0 else []
+        for module in self.frozen:
+            module.requires_grad_(False)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> "PoseNet":
+        super().train(mode)
+        for module in getattr(self, "frozen", []):
+            module.eval()
+        return self
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = self.stem(x)
         feats = {}

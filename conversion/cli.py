@@ -1,0 +1,88 @@
+"""``python -m conversion``: convert DeepLabCut SuperAnimal checkpoints, publish them, benchmark.
+
+    python -m conversion superanimal --dataset topviewmouse --pose-model hrnet_w32 \\
+        --detector fasterrcnn_resnet50_fpn_v2 --out converted/ [--pose-checkpoint F.pt] \\
+        [--detector-checkpoint F.pt] [--publish hf://org/repo | s3://bucket/prefix] [--catalog models] [--fp16]
+    python -m conversion bench --video V.mp4 --catalog converted/ --pose-checkpoint F.pt ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .superanimal import DATASETS, DETECTORS, POSE_MODELS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m conversion", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sa = sub.add_parser("superanimal", help="convert a SuperAnimal pose model and its detector to ONNX + cards")
+    sa.add_argument("--dataset", required=True, choices=DATASETS)
+    sa.add_argument("--pose-model", required=True, choices=POSE_MODELS)
+    sa.add_argument("--detector", required=True, choices=DETECTORS)
+    sa.add_argument("--out", required=True, help="catalog directory for <name>/1.0.0/{card.yaml, *.onnx}")
+    sa.add_argument("--pose-checkpoint", default=None, help="local .pt (default: fetch from DeepLabCut's HF repo)")
+    sa.add_argument("--detector-checkpoint", default=None, help="local .pt (default: fetch from DeepLabCut's HF repo)")
+    sa.add_argument("--fp16", action="store_true", help="also write a float16 pose model (<name>_fp16)")
+    sa.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+    sa.add_argument("--publish", default=None, metavar="hf://org/repo | s3://bucket/prefix")
+    sa.add_argument("--catalog", default=None, help="catalog whose entries get the published sha256/revision")
+    sa.add_argument("--layout-dir", default=None, help="hf://: lay the repository out here")
+    sa.add_argument("--no-upload", action="store_true", help="hf://: lay out only (needs --layout-dir)")
+    sa.add_argument("--revision", default=None, help="revision to record with --no-upload")
+
+    be = sub.add_parser("bench", help="posezoo (ONNX Runtime) vs DeepLabCut's PyTorch runner, same network and crops")
+    be.add_argument("--video", required=True)
+    be.add_argument("--dataset", default="topviewmouse", choices=DATASETS)
+    be.add_argument("--pose-model", default="hrnet_w32", choices=POSE_MODELS)
+    be.add_argument("--pose-checkpoint", required=True)
+    be.add_argument("--onnx", required=True, help="the converted pose model")
+    be.add_argument("--frames", type=int, default=32)
+    be.add_argument("--animals", type=int, default=1, help="boxes (crops) per frame")
+    be.add_argument("--batch-size", type=int, default=16, help="crops per network call (both runners)")
+    be.add_argument("--threads", type=int, default=None)
+    be.add_argument("--json", action="store_true")
+    return parser
+
+
+def _superanimal(args) -> int:
+    from .superanimal import convert
+
+    done = convert(args.dataset, args.pose_model, args.detector, args.out, pose_checkpoint=args.pose_checkpoint,
+                   detector_checkpoint=args.detector_checkpoint, fp16=args.fp16, verify=not args.no_verify)
+    for c in done:
+        print(f"{c.card.ref}: {c.path} ({c.path.stat().st_size / 1e6:.1f} MB, sha256 {c.card.artefact.sha256[:12]}…, "
+              f"{c.seconds:.1f} s)")
+    if args.publish:
+        from .publish import publish
+
+        cards = publish(args.out, args.publish, catalog=args.catalog, layout_dir=args.layout_dir,
+                        upload=not args.no_upload, revision=args.revision)
+        for card in cards:
+            print(f"published {card.ref} -> {card.artefact.locations[0]}@{card.artefact.revision or '-'}")
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import bench_crops, format_result
+
+    r = bench_crops(args.video, args.dataset, args.pose_model, args.pose_checkpoint, args.onnx, frames=args.frames,
+                    animals=args.animals, batch_size=args.batch_size, threads=args.threads)
+    print(json.dumps(r, indent=2) if args.json else format_result(r))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"superanimal": _superanimal, "bench": _bench}[args.command](args)
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"conversion: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

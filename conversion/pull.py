@@ -1,0 +1,56 @@
+"""`posezoo zoo pull` for models whose ONNX artefact is not published yet: fetch DeepLabCut's
+checkpoint with huggingface_hub, convert, verify against PyTorch, and cache the result in the
+zoo's ``converted`` catalog (``$POSEZOO_CACHE/converted``), where ``Zoo.resolve`` finds it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from posezoo.errors import ModelNotCachedError, ZooError
+
+from .superanimal import ConversionError, convert_detector, convert_pose, parse_checkpoint_filename
+
+
+def _checkpoint(card, hf_cache_dir: str | None) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    up = card.upstream
+    if up is None or up.kind != "huggingface" or not (up.repo_id and up.filename):
+        raise ZooError(f"{card.ref}: no upstream DeepLabCut checkpoint to convert from")
+    try:
+        return Path(hf_hub_download(up.repo_id, up.filename, cache_dir=hf_cache_dir))
+    except Exception as exc:  # offline, no network, repository gone
+        raise ModelNotCachedError(
+            f"{card.ref}: cannot fetch the upstream checkpoint hf://{up.repo_id}/{up.filename} to convert it "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); a network is needed once"
+        ) from exc
+
+
+def convert_into_cache(zoo, spec: str, *, hf_cache_dir: str | None = None, verify: bool = True) -> list:
+    """Convert ``spec`` (and its detector, for a top-down card) into ``zoo.converted_dir``."""
+    card = zoo.card(spec)
+    out = zoo.converted_dir
+    done = []
+    todo = [card]
+    if card.task == "top_down" and card.detector:
+        todo.append(zoo.card(card.detector))
+    for c in todo:
+        if c.artefact.published:
+            continue
+        try:
+            dataset, arch = parse_checkpoint_filename(c.upstream.filename if c.upstream else "")
+        except ConversionError as exc:
+            raise ZooError(f"{c.ref}: {exc}") from None
+        ckpt = _checkpoint(c, hf_cache_dir)
+        try:
+            if c.task == "detector":
+                done.append(convert_detector(dataset, arch, out, checkpoint=ckpt, verify=verify))
+            else:
+                _, det_arch = parse_checkpoint_filename(zoo.card(c.detector).upstream.filename)
+                done.append(convert_pose(dataset, arch, det_arch, out, checkpoint=ckpt, verify=verify))
+        except ConversionError as exc:
+            raise ZooError(f"{c.ref}: conversion failed: {exc}") from exc
+    staging = out / ".staging"
+    if staging.is_dir() and not any(staging.iterdir()):
+        staging.rmdir()
+    return done

@@ -1,0 +1,767 @@
+"""The job manager: admission (bounded queue), a pool of worker threads, the pipeline of one
+job (fetch -> predict -> write -> render -> store), progress, cancellation, and recovery
+after a crash or restart.
+
+Inference runs in threads: ONNX Runtime, FFmpeg decoding and OpenCV drawing release the
+GIL, so a few worker threads keep the cores busy while the web server stays responsive.
+
+Layout of ``settings.data_dir``::
+
+    jobs.sqlite            job records (posezoo.jobs.store)
+    uploads/<job>/input.*  uploaded videos, kept until their job ends (so it can resume)
+    work/<job>/            scratch space of a running job (always removed at its end)
+    results/<job>/         results of finished jobs (unless they go to S3)
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import shutil
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import (
+    ArtefactNotPublishedError,
+    InputError,
+    PosezooError,
+    TruncatedVideoError,
+    UnknownModelError,
+    VideoError,
+    ZooError,
+)
+from ..service_config import ServiceSettings
+from .models import JobOptions, JobRecord, Progress, ResultFile
+from .storage import ResultStore, SourceError, Sources, s3_client, split_s3_uri
+
+log = logging.getLogger("posezoo.jobs")
+
+ACTIVE = ("uploading", "queued", "running")
+VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".h264", ".ts"}
+
+
+class QueueFullError(PosezooError):
+    """Every worker is busy and the queue is full: try again after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class JobNotFoundError(PosezooError, KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class _Interrupted(BaseException):
+    """Raised inside a job's progress callback to stop it (cancel or shutdown)."""
+
+
+def error_code(exc: BaseException) -> tuple[int, str]:
+    """HTTP status and error code of a posezoo error."""
+    if isinstance(exc, (SourceError,)) or hasattr(exc, "status") and hasattr(exc, "code"):
+        return exc.status, exc.code  # type: ignore[attr-defined]
+    if isinstance(exc, QueueFullError):
+        return 429, "queue_full"
+    if isinstance(exc, JobNotFoundError):
+        return 404, "not_found"
+    if isinstance(exc, UnknownModelError):
+        return 404, "unknown_model"
+    if isinstance(exc, TruncatedVideoError):
+        return 422, "truncated_video"
+    if isinstance(exc, VideoError):
+        return 422, "invalid_video"
+    if isinstance(exc, (ArtefactNotPublishedError, ZooError)):
+        return 422, "model_unavailable"
+    if isinstance(exc, InputError):
+        return 422, "bad_options"
+    if isinstance(exc, PosezooError):
+        return 400, "bad_request"
+    return 500, "internal_error"
+
+
+def validate_video(path: Path) -> dict:
+    """Check that ``path`` is a decodable video before a job is queued: the header, the
+    first frame, and the packets near the end (which catches files cut short whose index
+    is intact). Raises :class:`VideoError` / :class:`TruncatedVideoError`."""
+    import av
+
+    from ..video import probe
+
+    info = probe(path)
+    name = path.name
+    try:
+        with av.open(str(path)) as c:
+            s = c.streams.video[0]
+            first = next(c.decode(s), None)
+            if first is None:
+                raise VideoError(f"{name}: no frame could be decoded (empty or corrupt video stream)")
+            if s.duration and s.time_base and info.n_frames > 2:
+                # Demux (no decoding) from the last keyframe before the end: a file cut short
+                # whose index is intact stops delivering packets well before the stream's end.
+                start = s.start_time or 0
+                frame = int(1 / (info.fps * s.time_base)) if info.fps > 0 else 0
+                target = start + s.duration - max(int(s.duration * 0.05), 2 * frame)
+                c.seek(target, stream=s, backward=True, any_frame=False)
+                last = None
+                for packet in c.demux(s):
+                    if packet.size and packet.pts is not None:
+                        last = packet.pts if last is None else max(last, packet.pts)
+                if last is None or last < target:
+                    where = f"at {float((last - start) * s.time_base):.1f} s" if last is not None else "early"
+                    raise TruncatedVideoError(
+                        f"{name}: truncated video: its header announces {float(s.duration * s.time_base):.1f} s "
+                        f"but the stream stops {where}; is the file complete?", 0)
+    except (av.FFmpegError, EOFError, StopIteration) as exc:
+        raise TruncatedVideoError(f"{name}: damaged or truncated video ({exc})", 0) from None
+    return {"width": info.width, "height": info.height, "fps": info.fps, "n_frames": info.n_frames,
+            "codec": info.codec}
+
+
+@dataclass
+class Reservation:
+    """A slot in the queue, taken before an upload is read."""
+
+    job_id: str
+    owner: str
+    released: bool = False
+
+
+class JobManager:
+    """Runs video jobs durably. Thread-safe; one instance per server process."""
+
+    def __init__(self, settings: ServiceSettings, zoo=None):
+        from ..zoo import Zoo
+
+        self.settings = settings
+        self.root = Path(settings.data_dir).resolve()
+        self.uploads = self.root / "uploads"
+        self.work = self.root / "work"
+        for d in (self.uploads, self.work):
+            d.mkdir(parents=True, exist_ok=True)
+        self._lockfile = _lock_data_dir(self.root)
+        from .store import JobStore
+
+        self.store = JobStore(self.root / "jobs.sqlite")
+        self.zoo = zoo or Zoo(s3_endpoint=settings.resolved_s3_endpoint)
+        self._s3 = None
+        self._s3_lock = threading.Lock()
+        presign = None
+        if settings.results_s3_uri and settings.s3_public_endpoint:
+            presign = s3_client(settings.s3_public_endpoint)
+        self.results = ResultStore(self.root / "results", settings.results_s3_uri,
+                                   self.s3 if settings.results_s3_uri else None, presign)
+        self.sources = Sources(None, allow_https=settings.allow_https_sources, input_buckets=settings.input_buckets,
+                               https_timeout_s=settings.https_timeout_s, max_bytes=settings.max_upload_bytes)
+        self._lock = threading.Lock()
+        self._active = 0  # reserved + queued + running
+        self._live: dict[str, JobRecord] = {}
+        self._cancel: dict[str, threading.Event] = {}
+        self._secret_uris: dict[str, str] = {}
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self._predictors: dict[str, object] = {}
+        self._predictor_locks: dict[str, threading.Lock] = {}
+        self._ready = False
+        self._metrics = _Metrics()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    @property
+    def s3(self):
+        with self._s3_lock:
+            if self._s3 is None:
+                self._s3 = s3_client(self.settings.resolved_s3_endpoint)
+            return self._s3
+
+    def start(self, warm: bool = True) -> "JobManager":
+        self.sources.s3 = self.s3
+        self._recover()
+        for i in range(self.settings.workers):
+            t = threading.Thread(target=self._worker, name=f"posezoo-job-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        if warm:
+            try:
+                self.predictor(self.settings.model_default)
+            except PosezooError as exc:
+                log.warning("default model %s cannot be loaded: %s", self.settings.model_default, exc)
+        self._ready = True
+        log.info("posezoo job manager ready: %s", {k: v for k, v in self.settings.public_dict().items()
+                                                   if k in ("data_dir", "workers", "queue_size", "results_s3_uri")})
+        return self
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and all(t.is_alive() for t in self._threads)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Interrupt running jobs (they run again at the next start) and stop the workers."""
+        self._stopping.set()
+        for ev in list(self._cancel.values()):
+            ev.set()
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join(timeout)
+        self._ready = False
+        self._lockfile.close()
+
+    def _recover(self) -> None:
+        """Jobs left active by a crash or restart: resume them, or fail them with a reason."""
+        for d in self.work.iterdir():  # scratch of interrupted jobs
+            shutil.rmtree(d, ignore_errors=True)
+        for d in self.results.local_root.glob(".*.part"):
+            shutil.rmtree(d, ignore_errors=True)
+        resumed = []
+        for rec in sorted(self.store.list(statuses=ACTIVE, limit=1_000_000), key=lambda r: r.created_at):
+            reason = None
+            if rec.status == "uploading":
+                reason = "the server stopped while the video was being uploaded; upload it again"
+            elif not self.settings.resume_interrupted:
+                reason = "interrupted by a server restart (resuming is off); submit it again"
+            elif rec.status == "running" and rec.attempts >= self.settings.max_attempts:
+                reason = f"interrupted by a server restart {rec.attempts} times; giving up"
+            elif rec.source.get("kind") == "upload" and not (rec.input_path and Path(rec.input_path).is_file()):
+                reason = "the uploaded video was lost in a server restart; upload it again"
+            elif rec.source.get("kind") == "https":
+                reason = "interrupted by a server restart; https sources are not kept, submit it again"
+            if reason:
+                rec.status, rec.error, rec.finished_at = "failed", {"error": "interrupted", "detail": reason}, time.time()
+                rec.progress.stage = "done"
+                self.store.put(rec)
+                self._cleanup_inputs(rec.id)
+                log.warning("job %s failed at recovery: %s", rec.id, reason)
+                continue
+            was = rec.status
+            rec.status = "queued"
+            rec.progress = Progress(stage="queued")
+            if was == "running":
+                rec.notes.append(f"resumed after a server restart at {time.strftime('%Y-%m-%d %H:%M:%S')} "
+                                 "(started again from the first frame)")
+            self.store.put(rec)
+            resumed.append(rec)
+        known = {r.id for r in resumed}
+        for d in self.uploads.iterdir():
+            if d.name not in known:
+                shutil.rmtree(d, ignore_errors=True)
+        with self._lock:
+            for rec in resumed:
+                self._active += 1
+                self._live[rec.id] = rec
+                self._cancel[rec.id] = threading.Event()
+                self._queue.put(rec.id)
+        if resumed:
+            log.warning("resuming %d interrupted job(s): %s", len(resumed), ", ".join(r.id for r in resumed))
+
+    # -- models -----------------------------------------------------------------------------
+    def check_model(self, spec: str | None) -> str:
+        """``name@version`` of the model a job asks for; refuses unknown or unusable ones."""
+        spec = spec or self.settings.model_default
+        try:
+            card = self.zoo.card(spec)
+        except UnknownModelError as exc:
+            msg = re.sub(r" \(`posezoo zoo list`[^)]*\)", "", str(exc))
+            raise UnknownModelError(f"{msg} (GET /v1/models lists the models)", exc.suggestions) from None
+        allowed = self.settings.allowed_models
+        if allowed is not None and card.name not in allowed and card.ref not in allowed:
+            raise UnknownModelError(f"model {spec!r} is not served here; available: {', '.join(allowed)}")
+        if not card.artefact.published:
+            raise ArtefactNotPublishedError(f"{card.ref}: the ONNX artefact of this model is not published yet; "
+                                            "choose a model that /v1/models marks as ready")
+        if card.task != "single_animal":
+            raise ZooError(f"{card.ref}: {card.task} models are not served by video jobs yet")
+        return card.ref
+
+    def predictor(self, spec: str):
+        """A cached :class:`~posezoo.predictor.PosePredictor` (loaded once per model)."""
+        from ..predictor import PosePredictor
+
+        ref = self.check_model(spec)
+        with self._lock:
+            p = self._predictors.get(ref)
+            if p is not None:
+                return p
+            lock = self._predictor_locks.setdefault(ref, threading.Lock())
+        with lock:
+            with self._lock:
+                p = self._predictors.get(ref)
+            if p is None:
+                r = self.zoo.resolve(ref)
+                p = PosePredictor(r.card, r.path, device=self.settings.device, threads=self.settings.ort_threads,
+                                  source=r.source, sha256=r.card.artefact.sha256)
+                with self._lock:
+                    self._predictors[ref] = p
+        return p
+
+    def models(self) -> list[dict]:
+        allowed = self.settings.allowed_models
+        out = []
+        for c in self.zoo.cards():
+            if allowed is not None and c.name not in allowed and c.ref not in allowed:
+                continue
+            out.append({"name": c.name, "version": c.version, "ref": c.ref, "species": c.species, "task": c.task,
+                        "keypoints": c.keypoints, "aliases": c.aliases, "ready": c.artefact.published
+                        and c.task == "single_animal", "default": c.ref == self._default_ref()})
+        return out
+
+    def _default_ref(self) -> str | None:
+        try:
+            return self.zoo.card(self.settings.model_default).ref
+        except PosezooError:
+            return None
+
+    def card(self, spec: str) -> dict:
+        card = self.zoo.card(spec)
+        allowed = self.settings.allowed_models
+        if allowed is not None and card.name not in allowed and card.ref not in allowed:
+            raise UnknownModelError(f"model {spec!r} is not served here")
+        return card.model_dump(mode="json", exclude_none=True)
+
+    # -- admission --------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self.settings.workers + self.settings.queue_size
+
+    def reserve(self, owner: str) -> Reservation:
+        """Take a queue slot (429 when none is left) and a job id."""
+        if self._stopping.is_set():
+            raise QueueFullError("the server is shutting down", self.settings.retry_after_s)
+        with self._lock:
+            if self._active >= self.capacity:
+                self._metrics.rejected.labels("queue_full").inc()
+                raise QueueFullError(
+                    f"all {self.settings.workers} worker(s) are busy and the queue of {self.settings.queue_size} "
+                    f"is full; try again in {self.settings.retry_after_s} s", self.settings.retry_after_s)
+            self._active += 1
+        return Reservation(uuid.uuid4().hex, owner)
+
+    def release(self, res: Reservation) -> None:
+        """Give back a reservation whose job was never queued (and remove its upload)."""
+        if res.released:
+            return
+        res.released = True
+        with self._lock:
+            self._active -= 1
+        self._cleanup_inputs(res.job_id)
+        rec = self.store.get(res.job_id)
+        if rec is not None and rec.status == "uploading":
+            self.store.delete(res.job_id)
+
+    def upload_path(self, res: Reservation, filename: str | None) -> Path:
+        suffix = Path(filename or "").suffix.lower()
+        d = self.uploads / res.job_id
+        d.mkdir(parents=True, exist_ok=True)
+        return d / f"input{suffix if suffix in VIDEO_SUFFIXES else '.video'}"
+
+    def begin_upload(self, res: Reservation, options: JobOptions, model: str) -> None:
+        """Record the job as ``uploading`` (so a crash mid-upload leaves a failed job, not nothing)."""
+        self.store.put(JobRecord(id=res.job_id, owner=res.owner, status="uploading", options=options, model=model,
+                                 source={"kind": "upload"}, progress=Progress(stage="uploading")))
+
+    def submit_upload(self, res: Reservation, options: JobOptions, path: Path, filename: str | None,
+                      nbytes: int) -> JobRecord:
+        """Validate an uploaded video and queue its job (422 for a file that is not a good video)."""
+        model = self.check_model(options.model)
+        if nbytes == 0:
+            raise VideoError(f"{filename or 'the upload'}: file is empty (0 bytes)")
+        try:
+            info = validate_video(path)
+        except VideoError as exc:
+            raise type(exc)(str(exc).replace(str(path.parent) + "/", "").replace(path.name, filename or "upload"),
+                            *([exc.frames_read] if isinstance(exc, TruncatedVideoError) else [])) from None
+        self._check_length(info)
+        rec = JobRecord(id=res.job_id, owner=res.owner, options=options, model=model,
+                        source={"kind": "upload", "filename": filename or "upload", "bytes": nbytes},
+                        input_path=str(path), n_frames=info["n_frames"] or None,
+                        progress=Progress(stage="queued", frames_total=info["n_frames"] or None))
+        self._metrics.upload_bytes.inc(nbytes)
+        return self._enqueue(res, rec)
+
+    def submit_uri(self, res: Reservation, options: JobOptions, uri: str) -> JobRecord:
+        """Queue a job on an ``s3://`` (or allowed ``https://``) source, checked now."""
+        model = self.check_model(options.model)
+        if self.results.in_s3 and uri.startswith(f"s3://{self.results.bucket}/{self.results.prefix}".rstrip("/")):
+            raise SourceError("s3:// sources may not name the server's results", status=403, code="forbidden_source")
+        source = self.sources.describe(uri)
+        rec = JobRecord(id=res.job_id, owner=res.owner, options=options, model=model, source=source)
+        if source["kind"] == "https":
+            self._secret_uris[rec.id] = uri  # never stored: it may carry a token
+        return self._enqueue(res, rec)
+
+    def _check_length(self, info: dict) -> None:
+        mf = self.settings.max_frames
+        if mf and info.get("n_frames") and info["n_frames"] > mf:
+            raise SourceError(f"the video has {info['n_frames']} frames, over this server's limit of {mf}",
+                              status=413, code="too_large")
+
+    def _enqueue(self, res: Reservation, rec: JobRecord) -> JobRecord:
+        rec.status = "queued"
+        rec.progress.stage = "queued"
+        self.store.put(rec)
+        with self._lock:
+            res.released = True  # the slot now belongs to the queued job
+            self._live[rec.id] = rec
+            self._cancel[rec.id] = threading.Event()
+        self._queue.put(rec.id)
+        self._metrics.submitted.labels(rec.source.get("kind", "?")).inc()
+        log.info("job %s queued (owner %s, model %s, source %s)", rec.id, rec.owner, rec.model, rec.source.get("kind"))
+        return rec
+
+    # -- queries ----------------------------------------------------------------------------
+    def get(self, job_id: str, owner: str) -> JobRecord:
+        """The job (live progress included); another owner's job is 'not found'."""
+        with self._lock:
+            rec = self._live.get(job_id)
+            rec = rec.model_copy(deep=True) if rec is not None else None
+        if rec is None:
+            rec = self.store.get(job_id)
+        if rec is None or rec.owner != owner or rec.status == "uploading":
+            raise JobNotFoundError(f"no job {job_id!r} (for this API key)")
+        return rec
+
+    def list(self, owner: str, limit: int = 100) -> list[JobRecord]:
+        recs = self.store.list(owner=owner, limit=limit)
+        with self._lock:
+            return [self._live[r.id].model_copy(deep=True) if r.id in self._live else r
+                    for r in recs if r.status != "uploading"]
+
+    def cancel(self, job_id: str, owner: str) -> JobRecord:
+        """Cancel an active job, or delete a finished one with its results."""
+        rec = self.get(job_id, owner)
+        if rec.terminal:
+            self.results.delete(rec.id, rec.results)
+            self.store.delete(rec.id)
+            rec.notes.append("deleted")
+            return rec
+        with self._lock:
+            ev = self._cancel.get(job_id)
+            live = self._live.get(job_id)
+            if ev is not None:
+                ev.set()
+            if live is not None and live.status == "queued":  # never started: cancelled at once
+                live.status, live.finished_at = "cancelled", time.time()
+                live.error = {"error": "cancelled", "detail": "cancelled before it started"}
+                live.progress.stage = "done"
+                self.store.put(live)
+                self._metrics.finished.labels("cancelled").inc()
+        return self.get(job_id, owner)
+
+    def result(self, job_id: str, owner: str, kind: str) -> tuple[JobRecord, ResultFile]:
+        rec = self.get(job_id, owner)
+        if rec.status != "succeeded":
+            raise SourceError(f"job {job_id} is {rec.status}: no results" +
+                              (f" ({rec.error['detail']})" if rec.error else ""), status=409, code="not_ready")
+        rf = rec.results.get(kind)
+        if rf is None:
+            raise SourceError(f"job {job_id} has no {kind!r} result; it has {', '.join(rec.results)}",
+                              status=404, code="not_found")
+        return rec, rf
+
+    def stats(self) -> dict:
+        with self._lock:
+            running = sum(1 for r in self._live.values() if r.status == "running")
+            queued = sum(1 for r in self._live.values() if r.status == "queued")
+            return {"workers": self.settings.workers, "queue_size": self.settings.queue_size,
+                    "running": running, "queued": queued, "reserved": self._active - running - queued}
+
+    def metrics_text(self) -> str:
+        s = self.stats()
+        self._metrics.running.set(s["running"])
+        self._metrics.queued.set(s["queued"])
+        return self._metrics.text()
+
+    # -- images -----------------------------------------------------------------------------
+    def predict_image(self, data: bytes, model: str | None) -> dict:
+        import cv2
+        import numpy as np
+
+        if not data:
+            raise VideoError("the image is empty (0 bytes)")
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if img is None:
+            raise VideoError("not a readable image (PNG, JPEG, BMP, TIFF or WebP expected)")
+        p = self.predictor(model or self.settings.model_default)
+        t0 = time.perf_counter()
+        kp = p.predict_images(img, colour_order="BGR")[0, 0]
+        dt = time.perf_counter() - t0
+        return {
+            "model": p.card.ref, "width": int(img.shape[1]), "height": int(img.shape[0]),
+            "keypoints": [{"name": n, "x": _num(x), "y": _num(y), "likelihood": _num(lk)}
+                          for n, (x, y, lk) in zip(p.keypoints, kp.tolist())],
+            "pcutoff": p.card.pcutoff, "inference_s": round(dt, 4),
+        }
+
+    # -- the worker -------------------------------------------------------------------------
+    def _worker(self) -> None:
+        while True:
+            job_id = self._queue.get()
+            if job_id is None or self._stopping.is_set():
+                return
+            try:
+                self._run(job_id)
+            except BaseException:  # never let a worker thread die
+                log.error("job %s: unexpected error in the worker:\n%s", job_id, traceback.format_exc())
+            finally:
+                with self._lock:
+                    self._active -= 1
+                    self._live.pop(job_id, None)
+                    self._cancel.pop(job_id, None)
+                    self._secret_uris.pop(job_id, None)
+
+    def _run(self, job_id: str) -> None:
+        with self._lock:
+            rec = self._live.get(job_id)
+            cancel = self._cancel.get(job_id) or threading.Event()
+        if rec is None:
+            return
+        if cancel.is_set() or rec.status == "cancelled":
+            if rec.status != "cancelled":
+                self._finish(rec, "cancelled", {"error": "cancelled", "detail": "cancelled before it started"})
+            self._cleanup_inputs(job_id)
+            return
+        work = self.work / job_id
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        rec.status, rec.started_at, rec.attempts = "running", time.time(), rec.attempts + 1
+        rec.error = None
+        self.store.put(rec)
+        tracker = _Tracker(self, rec, cancel)
+        keep_input = False
+        try:
+            results = self._pipeline(rec, work, tracker)
+            rec.results = results
+            self._finish(rec, "succeeded", None)
+        except _Interrupted:
+            if self._stopping.is_set():
+                rec.status = "queued"
+                rec.progress = Progress(stage="queued")
+                rec.notes.append("interrupted by a server shutdown; it runs again at the next start")
+                self.store.put(rec)
+                keep_input = True
+            else:
+                self._finish(rec, "cancelled", {"error": "cancelled", "detail": "cancelled by the user"})
+        except PosezooError as exc:
+            _, code = error_code(exc)
+            self._finish(rec, "failed", {"error": code, "detail": self._scrub(str(exc), rec)})
+        except Exception as exc:
+            log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+            self._finish(rec, "failed", {"error": "internal_error",
+                                         "detail": self._scrub(f"{type(exc).__name__}: {exc}", rec)})
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            if not keep_input:
+                self._cleanup_inputs(job_id)
+
+    def _scrub(self, text: str, rec: JobRecord) -> str:
+        """Error text without server paths."""
+        for p in (str(self.work / rec.id) + "/", str(self.uploads / rec.id) + "/", str(self.root) + "/"):
+            text = text.replace(p, "")
+        return text
+
+    def _finish(self, rec: JobRecord, status: str, error: dict | None) -> None:
+        rec.status, rec.error, rec.finished_at = status, error, time.time()  # type: ignore[assignment]
+        if status == "succeeded":
+            rec.progress.stage, rec.progress.fraction, rec.progress.eta_s = "done", 1.0, 0.0
+        else:
+            rec.progress.eta_s = None
+        self.store.put(rec)
+        self._metrics.finished.labels(status).inc()
+        if rec.started_at:
+            self._metrics.duration.observe(rec.finished_at - rec.started_at)
+        log.info("job %s %s%s", rec.id, status, f": {error['detail']}" if error else "")
+
+    def _cleanup_inputs(self, job_id: str) -> None:
+        shutil.rmtree(self.uploads / job_id, ignore_errors=True)
+
+    def _pipeline(self, rec: JobRecord, work: Path, tracker: "_Tracker") -> dict[str, ResultFile]:
+        from ..render import render_labeled_video
+
+        opts = rec.options
+        src = rec.source
+        if src["kind"] == "upload":
+            video = Path(rec.input_path or "")
+            if not video.is_file():
+                raise VideoError("the uploaded video is missing on the server")
+        else:
+            tracker.stage("fetching")
+            suffix = Path(src.get("filename", "")).suffix.lower()
+            video = work / f"input{suffix if suffix in VIDEO_SUFFIXES else '.video'}"
+            self.sources.fetch(src, self._secret_uris.get(rec.id), video)
+            tracker.check()
+            info = validate_video(video)
+            self._check_length(info)
+            rec.n_frames = info["n_frames"] or None
+        predictor = self.predictor(rec.model)
+        tracker.start(rec.n_frames or 0, 2 if opts.labeled_video else 1)
+        tracker.stage("predicting")
+        table = predictor.predict_video(
+            video, batch_size=opts.batch_size, progress=tracker.frames, filter=opts.filter,
+            filter_window=opts.filter_window, allow_truncated=opts.allow_truncated,
+        )
+        tracker.check()
+        rec.n_frames = table.n_frames
+        self._metrics.frames.inc(table.n_frames)
+        name = Path(src.get("filename") or "video").stem or "video"
+        meta = dict(table.metadata)
+        meta["video"] = {**meta.get("video", {}), "path": src.get("filename") or src.get("uri")}
+        meta["job"] = {"id": rec.id, "model": rec.model, "options": opts.model_dump(mode="json"),
+                       "source": src, "created_at": rec.created_at, "attempts": rec.attempts}
+        table = table.with_metadata(**meta)
+        tracker.stage("writing")
+        out = work / "out"
+        stem = f"{name}_{predictor.card.name}"
+        paths = table.save(out, opts.formats, stem=stem)
+        files: dict[str, Path] = {k: v for k, v in paths.items() if k != "meta"}
+        if opts.labeled_video:
+            tracker.stage("rendering")
+            pcut = opts.pcutoff if opts.pcutoff is not None else predictor.card.pcutoff
+            files["video"] = render_labeled_video(
+                video, table, out / f"{name}_labeled.mp4", skeleton=predictor.card.skeleton, pcutoff=pcut,
+                trail_length=opts.trail, progress=tracker.render_frames,
+            )
+        files["meta"] = paths["meta"]
+        tracker.stage("storing")
+        return self.results.store(rec.id, files)
+
+
+def _lock_data_dir(root: Path):
+    """Hold an exclusive lock on the data directory for the life of the process: two servers
+    sharing one job store would run the same jobs twice."""
+    import fcntl
+    import os
+
+    f = open(root / "server.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        other = f.read().strip() or "?"
+        f.close()
+        raise PosezooError(f"{root} is in use by another posezoo server (pid {other}); "
+                           "give each server its own POSEZOO_SERVICE_DATA_DIR") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def _num(v: float) -> float | None:
+    return None if v != v else round(float(v), 3)
+
+
+class _Tracker:
+    """Progress of one running job: in memory at every batch, in the store every second."""
+
+    def __init__(self, manager: JobManager, rec: JobRecord, cancel: threading.Event):
+        self.m = manager
+        self.rec = rec
+        self.cancel = cancel
+        self.t0 = time.perf_counter()
+        self.total_units = 0
+        self.passes = 1
+        self.done_before = 0  # units of finished passes
+        self.stage_t0 = self.t0
+        self.last_save = 0.0
+
+    def check(self) -> None:
+        if self.cancel.is_set():
+            raise _Interrupted()
+
+    def start(self, n_frames: int, passes: int) -> None:
+        self.passes = passes
+        self.total_units = n_frames * passes
+        self.t0 = time.perf_counter()
+
+    def stage(self, name: str) -> None:
+        self.check()
+        p = self.rec.progress
+        if name == "rendering":
+            self.done_before = self.rec.n_frames or p.frames_done
+        p.stage = name
+        if name in ("predicting", "rendering"):
+            p.frames_done, p.fps = 0, None
+            p.frames_total = self.rec.n_frames
+            self.stage_t0 = time.perf_counter()
+        self._save(force=True)
+
+    def _update(self, done: int, total: int) -> None:
+        self.check()
+        p = self.rec.progress
+        now = time.perf_counter()
+        p.frames_done, p.frames_total = done, max(total, done) or None
+        dt = now - self.stage_t0
+        p.fps = round(done / dt, 2) if dt > 0 and done else None
+        units_total = max(self.total_units, (p.frames_total or 0) * self.passes, 1)
+        units_done = self.done_before + done
+        p.fraction = round(min(units_done / units_total, 1.0), 4)
+        elapsed = now - self.t0
+        rate = units_done / elapsed if elapsed > 0 else 0
+        p.eta_s = round((units_total - units_done) / rate, 1) if rate > 0 else None
+        self._save()
+
+    def frames(self, done: int, total: int) -> None:
+        self._update(done, total)
+
+    def render_frames(self, done: int, total: int) -> None:
+        self._update(done, total or (self.rec.n_frames or done))
+
+    def _save(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last_save >= 1.0:
+            self.last_save = now
+            self.m.store.put(self.rec)
+
+
+class _Metrics:
+    """Prometheus metrics of the job system (a private registry, appended to BentoML's)."""
+
+    def __init__(self):
+        try:
+            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        except ImportError:  # pragma: no cover - prometheus_client comes with bentoml
+            self.registry = None
+            self.submitted = self.finished = self.rejected = _Null()
+            self.running = self.queued = self.frames = self.upload_bytes = self.duration = _Null()
+            return
+        r = self.registry = CollectorRegistry()
+        self.submitted = Counter("posezoo_jobs_submitted", "Video jobs queued", ["source"], registry=r)
+        self.finished = Counter("posezoo_jobs_finished", "Video jobs ended, by status", ["status"], registry=r)
+        self.rejected = Counter("posezoo_jobs_rejected", "Job submissions refused", ["reason"], registry=r)
+        self.running = Gauge("posezoo_jobs_running", "Jobs running now", registry=r)
+        self.queued = Gauge("posezoo_jobs_queued", "Jobs waiting for a worker", registry=r)
+        self.frames = Counter("posezoo_frames_predicted", "Video frames predicted", registry=r)
+        self.upload_bytes = Counter("posezoo_upload_bytes", "Bytes of uploaded videos accepted", registry=r)
+        self.duration = Histogram("posezoo_job_duration_seconds", "Run time of a job",
+                                  buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200), registry=r)
+
+    def text(self) -> str:
+        if self.registry is None:
+            return ""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry).decode()
+
+
+class _Null:
+    def labels(self, *a, **k):
+        return self
+
+    def inc(self, *a, **k):
+        pass
+
+    def set(self, *a, **k):
+        pass
+
+    def observe(self, *a, **k):
+        pass
+
+
+__all__ = ["JobManager", "QueueFullError", "JobNotFoundError", "Reservation", "error_code", "validate_video",
+           "split_s3_uri"]

@@ -1,0 +1,1 @@
+"""The posezoo BentoML service (``bentoml serve`` from the repository root)."""

@@ -1,0 +1,377 @@
+"""The HTTP API of the posezoo service (FastAPI, mounted on the BentoML service at ``/v1``).
+
+A thin adapter: every decision is made by :class:`posezoo.jobs.JobManager`. This module
+only turns requests into calls (uploads are streamed to disk chunk by chunk, never held
+in memory) and errors into ``{"error": code, "detail": message}`` answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Literal
+
+from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from posezoo.errors import PosezooError
+from posezoo.jobs import (
+    ApiKeys,
+    AuthError,
+    ErrorBody,
+    JobManager,
+    JobOptions,
+    JobRequest,
+    JobView,
+    QueueFullError,
+    UploadError,
+    check_declared_length,
+    error_code,
+    receive_multipart,
+    receive_raw,
+)
+
+log = logging.getLogger("posezoo.service")
+
+PREFIX = "/v1"
+ResultKind = Literal["h5", "csv", "json", "parquet", "video", "meta"]
+MULTIPART_SLACK = 1 << 20
+
+_ERR = {"model": ErrorBody}
+ERRORS = {s: {**_ERR, "description": d} for s, d in {
+    400: "bad request", 401: "missing or invalid API key", 404: "no such job, result or model (for this key)",
+    409: "the job has no results (yet)", 413: "upload over the size limit", 415: "unsupported content type",
+    422: "not a usable video, image, model or option", 429: "queue full: retry after Retry-After seconds",
+}.items()}
+
+_VIDEO_BODY = {"schema": {"type": "string", "format": "binary"}}
+CREATE_BODY = {
+    "required": True,
+    "description": (
+        "One of: (1) `multipart/form-data` with the video as the file field `video` (text fields: any job option, "
+        "e.g. `model`, `formats`); (2) the raw video bytes with any `video/*` or `application/octet-stream` "
+        "type, options in the query string; (3) `application/json` naming the video: "
+        "`{\"source\": \"s3://bucket/key\", \"model\": ..., \"formats\": [...]}`. Uploads are streamed to disk; "
+        "a Content-Length over the limit is refused with 413 before the body is read."
+    ),
+    "content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": ["video"], "properties": {
+            "video": {"type": "string", "format": "binary"}, "model": {"type": "string"},
+            "formats": {"type": "string", "example": "h5,csv"}, "labeled_video": {"type": "boolean"}}}},
+        "video/mp4": _VIDEO_BODY,
+        "application/octet-stream": _VIDEO_BODY,
+        "application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}},
+    },
+}
+
+
+def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
+    """The API, bound to the job manager ``get_manager()`` returns (created at service start)."""
+    app = FastAPI(
+        title="posezoo API",
+        version="1",
+        description="Animal pose estimation jobs: upload a video (or name one in S3), follow its progress, "
+                    "download DeepLabCut-compatible tables and a labelled video. Authenticate with "
+                    "`Authorization: Bearer <API key>`.",
+        openapi_tags=[{"name": "jobs"}, {"name": "models"}, {"name": "predict"}],
+    )
+    bearer = HTTPBearer(auto_error=False, description="An API key configured on the server")
+
+    def manager() -> JobManager:
+        m = get_manager()
+        if m is None:
+            raise PosezooError("the service is starting")
+        return m
+
+    def owner(request: Request, _: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
+        return keys().owner(request.headers.get("authorization"))
+
+    _keys: dict = {}
+
+    def keys() -> ApiKeys:
+        m = manager()
+        if "k" not in _keys:
+            _keys["k"] = ApiKeys(m.settings.api_keys, m.settings.allow_anonymous)
+        return _keys["k"]
+
+    # -- errors -------------------------------------------------------------------------------
+    def error(status: int, code: str, detail: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+    @app.exception_handler(PosezooError)
+    async def _posezoo_error(request: Request, exc: PosezooError):
+        status, code = error_code(exc)
+        headers = {}
+        if isinstance(exc, QueueFullError):
+            headers["Retry-After"] = str(exc.retry_after)
+        if isinstance(exc, AuthError):
+            headers["WWW-Authenticate"] = "Bearer"
+        if str(exc) == "the service is starting":
+            status, code, headers = 503, "starting", {"Retry-After": "2"}
+        if status >= 500:
+            log.error("%s %s: %s", request.method, request.url.path, exc)
+        if request.method in ("POST", "PUT"):
+            headers["Connection"] = "close"  # the body may be unread: do not drain it, close
+        return error(status, code, str(exc), headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        return error(422, "bad_options", _first_error(exc.errors()))
+
+    @app.exception_handler(ValidationError)
+    async def _pyd_validation(request: Request, exc: ValidationError):
+        return error(422, "bad_options", _first_error(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect):
+        log.info("%s %s: the client disconnected during the upload", request.method, request.url.path)
+        return error(400, "client_disconnected", "the client disconnected before the upload was complete",
+                     {"Connection": "close"})
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.exception("%s %s failed", request.method, request.url.path)
+        return error(500, "internal_error", f"internal error ({type(exc).__name__}); see the server log")
+
+    # -- jobs ---------------------------------------------------------------------------------
+    @app.post("/jobs", status_code=202, response_model=JobView, tags=["jobs"], summary="Create a video job",
+              responses=ERRORS, openapi_extra={"requestBody": CREATE_BODY})
+    async def create_job(
+        request: Request,
+        who: str = Depends(owner),
+        model: str | None = Query(None, description="zoo model name[@version] or alias"),
+        formats: str | None = Query(None, description="comma-separated: h5,csv,json,parquet (default h5,csv)"),
+        labeled_video: bool | None = Query(None, description="render an H.264 labelled video (default false)"),
+        batch_size: int | None = Query(None, ge=1, le=256),
+        filter: Literal["median", "savgol"] | None = Query(None),
+        filter_window: int | None = Query(None, ge=1, le=101),
+        pcutoff: float | None = Query(None, ge=0, le=1, description="confidence cutoff for drawing"),
+        trail: int | None = Query(None, ge=0, le=300),
+        allow_truncated: bool | None = Query(None),
+        filename: str | None = Query(None, description="name of the uploaded video (raw uploads)"),
+    ) -> JSONResponse:
+        """Upload a video (multipart or raw body) or name one (`s3://…` in a JSON body). Answers 202 with
+        the job at once; follow it with `GET /v1/jobs/{id}` or `GET /v1/jobs/{id}/events`."""
+        m = manager()
+        query = {k: v for k, v in dict(model=model, formats=formats, labeled_video=labeled_video,
+                                       batch_size=batch_size, filter=filter, filter_window=filter_window,
+                                       pcutoff=pcutoff, trail=trail, allow_truncated=allow_truncated).items()
+                 if v is not None}
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "application/json":
+            body = await _read_small(request, 64 << 10)
+            try:
+                doc = json.loads(body or b"{}")
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise UploadError(f"the JSON body does not parse: {exc}", 400, "bad_request") from None
+            if not isinstance(doc, dict):
+                raise UploadError('the JSON body must be an object: {"source": "s3://bucket/key", ...}', 400,
+                                  "bad_request")
+            req = JobRequest.model_validate({**query, **doc})
+            res = m.reserve(who)
+            try:
+                rec = await run_in_threadpool(m.submit_uri, res, JobOptions(**req.model_dump(exclude={"source"})),
+                                              req.source)
+            except BaseException:
+                m.release(res)
+                raise
+            return JSONResponse(JobView.of(rec, PREFIX).model_dump(mode="json"), status_code=202,
+                                headers={"Location": f"{PREFIX}/jobs/{rec.id}"})
+
+        if ctype == "application/x-www-form-urlencoded":
+            raise UploadError("send the video as multipart/form-data (file field 'video') or as the raw body",
+                              415, "unsupported_media_type")
+        multipart = ctype == "multipart/form-data"
+        limit = m.settings.max_upload_bytes
+        check_declared_length(request.headers, limit + (MULTIPART_SLACK if multipart else 0))
+        options = JobOptions(**query)
+        if options.model:
+            await run_in_threadpool(m.check_model, options.model)
+        res = m.reserve(who)  # 429 before a byte of the body is read
+        try:
+            dest = m.upload_path(res, filename)
+            m.begin_upload(res, options, options.model or m.settings.model_default)
+            if multipart:
+                up = await receive_multipart(request.stream(), request.headers["content-type"], dest, limit)
+                if up.file_path is None:
+                    raise UploadError("no video in the form: send it as the file field 'video'", 400, "bad_upload")
+                fields = {k: v for k, v in up.fields.items() if k != "filename"}
+                options = JobOptions(**{**query, **fields})
+                name, nbytes = up.filename or up.fields.get("filename") or filename, up.file_bytes
+            else:
+                nbytes = await receive_raw(request.stream(), dest, limit)
+                name = filename
+            rec = await run_in_threadpool(m.submit_upload, res, options, dest, name, nbytes)
+        except BaseException:
+            await run_in_threadpool(m.release, res)
+            raise
+        return JSONResponse(JobView.of(rec, PREFIX).model_dump(mode="json"), status_code=202,
+                            headers={"Location": f"{PREFIX}/jobs/{rec.id}"})
+
+    @app.get("/jobs", response_model=list[JobView], tags=["jobs"], summary="List this key's jobs", responses=ERRORS)
+    async def list_jobs(who: str = Depends(owner), limit: int = Query(100, ge=1, le=1000)):
+        recs = await run_in_threadpool(manager().list, who, limit)
+        return [JobView.of(r, PREFIX) for r in recs]
+
+    JobId = Path(..., description="the job id", pattern=r"^[0-9a-f]{32}$")
+
+    @app.get("/jobs/{job_id}", response_model=JobView, tags=["jobs"], summary="Job status and progress",
+             responses=ERRORS)
+    async def get_job(job_id: str = JobId, who: str = Depends(owner)):
+        """Status (`queued`, `running`, `succeeded`, `failed`, `cancelled`), progress (stage, frames done/total,
+        frames/s, ETA), results' download paths, or the error."""
+        return JobView.of(await run_in_threadpool(manager().get, job_id, who), PREFIX)
+
+    @app.get("/jobs/{job_id}/events", tags=["jobs"], summary="Follow a job (NDJSON stream)", responses={
+        **ERRORS, 200: {"description": "one JobView JSON document per line, until the job ends",
+                        "content": {"application/x-ndjson": {}}}})
+    async def job_events(job_id: str = JobId, who: str = Depends(owner),
+                         interval: float = Query(0.5, ge=0.1, le=30, description="seconds between updates")):
+        """Streams the job as newline-delimited JSON: a line whenever it changes (and at least every 15 s),
+        ending with the line of its final status."""
+        m = manager()
+        first = await run_in_threadpool(m.get, job_id, who)
+
+        async def lines():
+            rec, last, sent_at = first, None, 0.0
+            while True:
+                doc = JobView.of(rec, PREFIX).model_dump_json()
+                now = time.monotonic()
+                if doc != last or now - sent_at > 15:
+                    yield doc + "\n"
+                    last, sent_at = doc, now
+                if rec.terminal:
+                    return
+                await asyncio.sleep(interval)
+                rec = await run_in_threadpool(m.get, job_id, who)
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/jobs/{job_id}/results/{kind}", tags=["jobs"], summary="Download a result", responses={
+        **ERRORS, 200: {"description": "the file (Range requests supported)", "content": {
+            "application/x-hdf5": {}, "text/csv": {}, "application/json": {}, "application/vnd.apache.parquet": {},
+            "video/mp4": {}}},
+        307: {"description": "redirect to a presigned S3 URL (results kept in S3)"}})
+    async def get_result(job_id: str = JobId, kind: ResultKind = Path(..., description="result kind"),
+                         who: str = Depends(owner),
+                         redirect: bool = Query(True, description="for S3 results: redirect (true) or answer "
+                                                                  "{\"url\": presigned URL} (false)")):
+        """`h5`, `csv`, `json`, `parquet` (pose tables), `video` (labelled H.264 MP4) or `meta` (metadata JSON)."""
+        m = manager()
+        rec, rf = await run_in_threadpool(m.result, job_id, who, kind)
+        if rf.location == "local":
+            path = m.results.local_path(rec.id, rf)
+            if not path.is_file():
+                raise UploadError(f"the {kind} result of job {job_id} is missing on the server", 410, "gone")
+            return FileResponse(path, media_type=rf.content_type, filename=rf.filename)
+        url = await run_in_threadpool(m.results.presign, rf, m.settings.presign_expiry_s)
+        if redirect:
+            return RedirectResponse(url, status_code=307)
+        return {"url": url, "expires_in": m.settings.presign_expiry_s, "filename": rf.filename,
+                "content_type": rf.content_type, "bytes": rf.bytes}
+
+    @app.delete("/jobs/{job_id}", response_model=JobView, tags=["jobs"], summary="Cancel or delete a job",
+                responses=ERRORS)
+    async def delete_job(job_id: str = JobId, who: str = Depends(owner)):
+        """Cancels a queued or running job; deletes a finished one and its results."""
+        return JobView.of(await run_in_threadpool(manager().cancel, job_id, who), PREFIX)
+
+    # -- models, images, fine-tuning -----------------------------------------------------------
+    @app.get("/models", tags=["models"], summary="List zoo models", responses=ERRORS)
+    async def list_models(who: str = Depends(owner)) -> list[dict]:
+        """Every model of the zoo: name, version, species, keypoints, whether it is ready to serve."""
+        return await run_in_threadpool(manager().models)
+
+    @app.get("/models/{name}", tags=["models"], summary="Show a model card", responses=ERRORS)
+    async def get_model(name: str = Path(..., description="name[@version] or alias"), who: str = Depends(owner)):
+        return await run_in_threadpool(manager().card, name)
+
+    @app.post("/predict/image", tags=["predict"], summary="Keypoints of one image (synchronous)", responses=ERRORS,
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "image/png": _VIDEO_BODY, "image/jpeg": _VIDEO_BODY, "application/octet-stream": _VIDEO_BODY,
+                  "multipart/form-data": {"schema": {"type": "object", "properties": {
+                      "image": {"type": "string", "format": "binary"}}}}}}})
+    async def predict_image(request: Request, who: str = Depends(owner),
+                            model: str | None = Query(None, description="zoo model (default: the server's)")):
+        """The image as the raw body (or the multipart file field `image`); answers its keypoints as JSON:
+        `{"model", "width", "height", "keypoints": [{"name", "x", "y", "likelihood"}], "pcutoff"}`."""
+        m = manager()
+        limit = m.settings.max_image_bytes
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "multipart/form-data":
+            check_declared_length(request.headers, limit + MULTIPART_SLACK)
+            form = await request.form(max_files=1, max_fields=8)
+            upload = form.get("image") or form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise UploadError("no image in the form: send it as the file field 'image'", 400, "bad_upload")
+            data = await upload.read(limit + 1)
+            if len(data) > limit:
+                raise UploadError(f"image is over the limit of {limit} bytes", 413, "too_large")
+        else:
+            data = await _read_small(request, limit)
+        return await run_in_threadpool(m.predict_image, data, model)
+
+    @app.post("/finetune", tags=["jobs"], summary="Fine-tune a model on DeepLabCut labelled data",
+              responses={**ERRORS, 503: {**_ERR, "description": "fine-tuning is unavailable on this server"}})
+    async def finetune(who: str = Depends(owner)):
+        """Takes a zip of DeepLabCut labelled data and a base model, trains, evaluates and registers a new
+        zoo version. Needs PyTorch and posezoo's training package on the server; answers 503 otherwise."""
+        reason = finetune_unavailable_reason()
+        return error(503, "finetune_unavailable", reason)
+
+    @app.get("/server", tags=["models"], summary="Server limits and load")
+    async def server(who: str = Depends(owner)):
+        m = manager()
+        s = m.settings
+        return {**m.stats(), "max_upload_bytes": s.max_upload_bytes, "max_image_bytes": s.max_image_bytes,
+                "default_model": s.model_default, "results_in_s3": m.results.in_s3,
+                "https_sources": s.allow_https_sources, "finetune": finetune_unavailable_reason() or "available"}
+
+    return app
+
+
+def finetune_unavailable_reason() -> str:
+    """Why fine-tune jobs cannot run here (always non-empty until the training issue has landed)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return "fine-tuning is unavailable on this server: PyTorch is not installed (pip install 'posezoo[train]')"
+    if importlib.util.find_spec("posezoo.training") is None:
+        return "fine-tuning is unavailable on this server: posezoo's training package is not installed"
+    # Not imported here: importing torch would cost the API server seconds and hundreds of MB.
+    return ("fine-tuning is unavailable on this server: fine-tune jobs are not enabled in this version of the "
+            "service yet (train locally with posezoo's training package)")
+
+
+async def _read_small(request: Request, limit: int) -> bytes:
+    check_declared_length(request.headers, limit)
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise UploadError(f"request body is over the limit of {limit} bytes", 413, "too_large")
+    return bytes(buf)
+
+
+def _first_error(errors) -> str:
+    if not errors:
+        return "invalid request"
+    e = errors[0]
+    loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "query"))
+    msg = e.get("msg", "invalid")
+    return f"{loc}: {msg}" if loc else msg

@@ -1,0 +1,164 @@
+"""The service's library parts without a server: settings, API keys, address checks,
+streaming uploads, the job store and video validation."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+
+from posezoo.errors import PosezooError, TruncatedVideoError, VideoError
+from posezoo.jobs import (
+    ApiKeys,
+    AuthError,
+    JobOptions,
+    JobRecord,
+    JobStore,
+    SourceError,
+    UploadError,
+    check_declared_length,
+    check_public_host,
+    receive_multipart,
+    receive_raw,
+    redact_url,
+    validate_video,
+)
+from posezoo.service_config import hash_api_key, load_settings
+
+
+def test_settings_from_environment_and_file(tmp_path, monkeypatch):
+    digest = hash_api_key("k1")
+    cfg = tmp_path / "service.yaml"
+    cfg.write_text(f"workers: 3\nqueue_size: 7\napi_keys: {{alice: {digest}}}\nresults_s3_uri: s3://b/p\n")
+    monkeypatch.setenv("POSEZOO_SERVICE_CONFIG", str(cfg))
+    monkeypatch.setenv("POSEZOO_SERVICE_QUEUE_SIZE", "9")  # the environment wins over the file
+    s = load_settings()
+    assert (s.workers, s.queue_size, s.api_keys, s.results_s3_uri) == (3, 9, {"alice": digest}, "s3://b/p")
+    assert s.public_dict()["api_keys"] == ["alice"] and digest not in json.dumps(s.public_dict())
+    monkeypatch.setenv("POSEZOO_SERVICE_API_KEYS", json.dumps({"bob": "plain-text-key"}))
+    with pytest.raises(PosezooError, match="sha256 hex digest"):
+        load_settings()
+    monkeypatch.delenv("POSEZOO_SERVICE_API_KEYS")
+    cfg.write_text("wrokers: 2\n")
+    with pytest.raises(PosezooError, match="unknown service setting"):
+        load_settings()
+
+
+def test_cli_hash_key_matches_the_configuration():
+    r = subprocess.run([sys.executable, "-m", "posezoo", "remote", "hash-key", "s3cret"], capture_output=True,
+                       text=True, check=True)
+    assert r.stdout.strip() == hash_api_key("s3cret") == hashlib.sha256(b"s3cret").hexdigest()
+
+
+def test_api_keys():
+    keys = ApiKeys({"alice": hash_api_key("a-key"), "bob": hash_api_key("b-key")})
+    assert keys.owner("Bearer a-key") == "alice" and keys.owner("bearer  b-key") == "bob"
+    for header, code in ((None, "missing_api_key"), ("", "missing_api_key"), ("Bearer nope", "invalid_api_key"),
+                         ("Basic a-key", "invalid_api_key"), ("Bearer ", "invalid_api_key")):
+        with pytest.raises(AuthError) as e:
+            keys.owner(header)
+        assert e.value.code == code
+    anon = ApiKeys({}, allow_anonymous=True)
+    assert anon.owner(None) == "anonymous"
+    with pytest.raises(AuthError):
+        anon.owner("Bearer wrong")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "10.0.0.1", "192.168.1.1", "172.16.0.5", "169.254.169.254",
+                                  "::1", "0.0.0.0", "100.64.0.1", "::ffff:127.0.0.1", "fd00::1"])
+def test_private_addresses_are_refused(host):
+    with pytest.raises(SourceError) as e:
+        check_public_host(host, 443)
+    assert e.value.status == 403 and "refused" in str(e.value)
+
+
+def test_public_address_is_accepted_and_urls_are_redacted():
+    assert check_public_host("8.8.8.8", 443) == ["8.8.8.8"]
+    assert redact_url("https://user:pw@example.org:8443/v.mp4?X-Amz-Signature=abc#f") == "https://example.org:8443/v.mp4"
+
+
+async def _chunks(parts):
+    for p in parts:
+        yield p
+
+
+def test_raw_upload_streams_and_enforces_the_limit(tmp_path):
+    dest = tmp_path / "u.bin"
+    assert asyncio.run(receive_raw(_chunks([b"a" * 1000] * 5), dest, 5000)) == 5000
+    assert dest.read_bytes() == b"a" * 5000
+    with pytest.raises(UploadError) as e:
+        asyncio.run(receive_raw(_chunks([b"a" * 1000] * 6), dest, 5000))
+    assert e.value.status == 413 and not dest.exists()
+    with pytest.raises(UploadError) as e:
+        check_declared_length({"content-length": "5001"}, 5000)
+    assert e.value.status == 413
+    assert check_declared_length({"content-length": "5000"}, 5000) == 5000 and check_declared_length({}, 1) is None
+    with pytest.raises(UploadError):
+        check_declared_length({"content-length": "lots"}, 5000)
+
+
+def test_multipart_upload_streams_fields_and_file(tmp_path):
+    import httpx
+
+    req = httpx.Request("POST", "http://x/", data={"model": "m", "formats": "h5,csv"},
+                        files={"video": ("clip.mp4", b"\x00\x01" * 300_000, "video/mp4")})
+    body = req.read()
+    chunks = [body[i:i + 7777] for i in range(0, len(body), 7777)]  # boundaries split anywhere
+    dest = tmp_path / "v.bin"
+    up = asyncio.run(receive_multipart(_chunks(chunks), req.headers["content-type"], dest, 1 << 20))
+    assert up.fields == {"model": "m", "formats": "h5,csv"} and up.filename == "clip.mp4"
+    assert up.file_bytes == 600_000 and dest.read_bytes() == b"\x00\x01" * 300_000
+    with pytest.raises(UploadError) as e:
+        asyncio.run(receive_multipart(_chunks(chunks), req.headers["content-type"], dest, 100_000))
+    assert e.value.status == 413 and not dest.exists()
+    with pytest.raises(UploadError) as e:  # cut short inside the file part
+        asyncio.run(receive_multipart(_chunks(chunks[: len(chunks) // 2]), req.headers["content-type"], dest, 1 << 20))
+    assert e.value.status == 400 and not dest.exists()
+    with pytest.raises(UploadError) as e:
+        asyncio.run(receive_multipart(_chunks([b"x"]), "multipart/form-data", dest, 10))
+    assert e.value.status == 415
+
+
+def test_job_store_survives_reopening(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    rec = JobRecord(id="a" * 32, owner="alice", options=JobOptions(formats="h5, csv"), model="m@1")
+    store.put(rec)
+    rec.status = "running"
+    rec.progress.frames_done = 10
+    store.put(rec)
+    store.put(JobRecord(id="b" * 32, owner="bob", options=JobOptions(), model="m@1", status="succeeded"))
+    store.close()
+    again = JobStore(tmp_path / "jobs.sqlite")
+    got = again.get("a" * 32)
+    assert got.status == "running" and got.progress.frames_done == 10 and got.options.formats == ["h5", "csv"]
+    assert [r.id for r in again.list(owner="alice")] == ["a" * 32]
+    assert [r.id for r in again.list(statuses=["succeeded"])] == ["b" * 32]
+    assert again.get("c" * 32) is None
+
+
+def test_job_options_validation():
+    with pytest.raises(ValueError, match="xls"):
+        JobOptions(formats="h5,xls")
+    with pytest.raises(ValueError):
+        JobOptions(batch_size=0)
+    with pytest.raises(ValueError):
+        JobOptions(unknown=1)
+    assert JobOptions(formats=["h5,csv", "h5"]).formats == ["h5", "csv"]
+
+
+def test_validate_video(mouse_video, tmp_path):
+    path, truth = mouse_video
+    assert validate_video(path)["n_frames"] == len(truth)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TruncatedVideoError):
+        validate_video(cut)
+    text = tmp_path / "t.mp4"
+    text.write_text("not a video\n" * 100)
+    with pytest.raises(VideoError):
+        validate_video(text)
