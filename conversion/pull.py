@@ -28,7 +28,15 @@ def _checkpoint(card, hf_cache_dir: str | None) -> Path:
 
 def convert_into_cache(zoo, spec: str, *, hf_cache_dir: str | None = None, verify: bool = True) -> list:
     """Convert ``spec`` (and its detector, for a top-down card) into ``zoo.converted_dir``."""
+    import importlib.util
+
     card = zoo.card(spec)
+    missing = [m for m in ("torch", "torchvision", "timm", "deeplabcut", "onnx") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ZooError(
+            f"{card.ref}: the ONNX artefact is not published yet and converting it here needs the conversion "
+            f"extra (missing: {', '.join(missing)}): pip install 'posezoo[conversion]'"
+        )
     out = zoo.converted_dir
     done = []
     todo = [card]
