@@ -541,8 +541,8 @@ def test_eight_concurrent_clients(server, videos, tmp_path):
 
 def test_upload_is_streamed_to_disk(server):
     """A 39 MB upload (refused afterwards: it is not a video) raises the server's RSS by far less
-    than its size: the body goes to disk chunk by chunk (benchmarks/upload_rss.py measures 1 GB)."""
-    size = 39 * MB  # under this server's limit; the 1 GB figure comes from benchmarks/upload_rss.py
+    than its size: the body goes to disk chunk by chunk (service/bench_upload_rss.py measures 1 GB)."""
+    size = 39 * MB  # under this server's limit; the 1 GB figure comes from service/bench_upload_rss.py
     chunk = os.urandom(MB)
     base = server.rss()
     peak = [base]

@@ -6,7 +6,7 @@ never holds the body either), samples the RSS of the whole server process tree e
 and prints the increase over the idle server. The body is not a video, so the server
 answers 422 once it has it all on disk (and deletes it): the upload path is what is measured.
 
-    python benchmarks/service_upload_rss.py [--size-mb 1024] [--chunk-kb 1024] [--multipart] [--json]
+    python service/bench_upload_rss.py [--size-mb 1024] [--chunk-kb 1024] [--multipart] [--json]
 
 Target (issue 4): a 1 GB upload raises server RSS by less than 100 MB.
 """
