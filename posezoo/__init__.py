@@ -3,7 +3,7 @@
 Quick use::
 
     import posezoo
-    predictor = posezoo.load("posezoo_tiny_mouse")          # or "mouse", "default", ...
+    predictor = posezoo.load("posezoo_mouse")               # or "default", "mouse", a card.yaml ...
     table = predictor.predict_video("video.mp4")            # PoseTable
     table.save("out/", formats=["h5", "csv"])               # DeepLabCut-compatible
     df = table.to_dataframe()

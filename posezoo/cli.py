@@ -211,6 +211,8 @@ def _add_training_commands(sub) -> None:
     tr.add_argument("--steps", type=_positive, default=None)
     tr.add_argument("--batch-size", type=_positive, default=None)
     tr.add_argument("--lr", type=float, default=None)
+    tr.add_argument("--freeze-blocks", type=int, default=None,
+                    help="keep the stem and the first N backbone blocks frozen (default: TrainConfig's)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--threads", type=_positive, default=None, help="PyTorch threads (default: all cores)")
     tr.add_argument("--workdir", default=None, help="checkpoints and exports (default: a temporary dir)")
@@ -236,7 +238,8 @@ def _train_cmd(args) -> int:
 
     from .training.pipeline import command_line
 
-    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr)) if v}
+    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr),
+                                   ("freeze_blocks", args.freeze_blocks)) if v is not None}
     cfg = dataclasses.replace(TrainConfig(), seed=args.seed, threads=args.threads, **overrides)
     info = ModelInfo(name=args.name, version=args.version,
                      species=tuple(s.strip() for s in args.species.split(",") if s.strip()),
@@ -287,6 +290,16 @@ def _add_remote_parser(sub) -> None:
     rj = rem.add_parser("job", help="show a job")
     rj.add_argument("job_id")
     common(rj)
+    rf = rem.add_parser("finetune", help="fine-tune a model on the server from a zip of DeepLabCut labelled data")
+    rf.add_argument("zip", metavar="ZIP", help="a zip of labeled-data/<video>/ (CollectedData_<scorer>.csv + frames)")
+    common(rf)
+    rf.add_argument("--base-model", default=None, help="zoo model with the same keypoints (default: the server's)")
+    rf.add_argument("--steps", type=_positive, default=None)
+    rf.add_argument("--batch-size", type=_positive, default=None)
+    rf.add_argument("--name", default=None)
+    rf.add_argument("--version", default=None)
+    rf.add_argument("--init", choices=["auto", "base", "imagenet"], default=None)
+    rf.add_argument("--no-progress", action="store_true")
     rh = rem.add_parser("hash-key", help="print the sha256 of an API key, as the server configuration stores it")
     rh.add_argument("key")
 
@@ -307,6 +320,13 @@ def _remote_cmd(args) -> int:
             return 0
         if args.remote_command == "job":
             print(json.dumps(client.job(args.job_id), indent=2))
+            return 0
+        if args.remote_command == "finetune":
+            job = client.finetune(args.zip, base_model=args.base_model, steps=args.steps, batch_size=args.batch_size,
+                                  name=args.name, version=args.version, init=args.init)
+            test = ((job.get("metrics") or {}).get("test") or {}).get("overall") or {}
+            print(f"{args.zip}: registered {job['output_model']} on {args.url} (job {job['id']}); test mean "
+                  f"{test.get('mean_px', float('nan')):.2f} px, PCK@10 {test.get('pck@10') or 0:.1%}")
             return 0
         result = client.predict(args.video, model=args.model, formats=args.format, labeled_video=args.labeled_video,
                                 out=args.out, batch_size=args.batch_size, filter=args.filter, pcutoff=args.pcutoff)

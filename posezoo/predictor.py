@@ -283,4 +283,4 @@ def load(model: str = "default", *, device: str = "auto", threads: int | None = 
 
 
 #: The bundled model used when none is named.
-DEFAULT_MODEL = os.environ.get("POSEZOO_DEFAULT_MODEL", "posezoo_tiny_mouse")
+DEFAULT_MODEL = os.environ.get("POSEZOO_DEFAULT_MODEL", "posezoo_mouse")

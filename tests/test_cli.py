@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import av
+import numpy as np
 import pytest
 
 from conftest import OPENFIELD_FRAMES
@@ -33,10 +34,18 @@ def test_predict_real_openfield_video_all_outputs(openfield_video, tmp_path):
                 "--labeled-video", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert f"{OPENFIELD_FRAMES} frames" in r.stdout and "CPUExecutionProvider" in r.stdout
-    stem = "m3v1mp4_posezoo_tiny_mouse"
+    stem = "m3v1mp4_posezoo_mouse"  # the bundled default model, trained on the openfield labels
     ds = load_poses.from_dlc_file(tmp_path / f"{stem}.h5", fps=30)
     assert ds.sizes["time"] == OPENFIELD_FRAMES
     assert list(ds.keypoints.values) == ["snout", "leftear", "rightear", "tailbase"]
+    # plausible poses on every frame: confident, and a mouse-sized body (the video is 640x480)
+    pos = ds.position.sel(individuals="animal0").values  # (time, space, keypoints)
+    conf = ds.confidence.sel(individuals="animal0").values
+    assert np.median(conf) > 0.5 and (conf.max(axis=1) > 0.4).all()
+    body = np.linalg.norm(pos[:, :, 0] - pos[:, :, 3], axis=1)  # snout to tailbase
+    assert 70 < np.median(body) < 170 and np.percentile(body, 99) < 250
+    ears = np.linalg.norm(pos[:, :, 1] - pos[:, :, 2], axis=1)
+    assert 5 < np.median(ears) < 40
     assert load_poses.from_dlc_file(tmp_path / f"{stem}.csv").sizes["time"] == OPENFIELD_FRAMES
     assert len(json.loads((tmp_path / f"{stem}.json").read_text())["frames"]) == OPENFIELD_FRAMES
     assert (tmp_path / f"{stem}.parquet").stat().st_size > 0
@@ -72,7 +81,7 @@ def test_truncated_faststart_video_writes_partial_results_and_fails(tmp_path):
     make_mouse_video(full, 60, 320, 240)
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
-    r = posezoo("predict", cut, "--out", tmp_path / "out", "--no-progress")
+    r = posezoo("predict", cut, "--out", tmp_path / "out", "--no-progress", "--model", "posezoo_tiny_mouse")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "truncated" in r.stderr and "frames that decoded" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     meta = json.loads((tmp_path / "out" / "cut_posezoo_tiny_mouse.meta.json").read_text())
@@ -95,7 +104,7 @@ def test_demo_video_then_predict(tmp_path):
     r = posezoo("predict", tmp_path / "demo.mp4", "--out", tmp_path, "--format", "json", "--labeled-video",
                 "--filter", "median", "--no-progress")
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "demo_labeled.mp4").exists() and (tmp_path / "demo_posezoo_tiny_mouse.json").exists()
+    assert (tmp_path / "demo_labeled.mp4").exists() and (tmp_path / "demo_posezoo_mouse.json").exists()
 
 
 def test_bench_reports_every_figure(mouse_video):
