@@ -253,16 +253,21 @@ class Client:
                     continue
                 from tqdm.auto import tqdm
 
-                p = job["progress"]
+                p = dict(job["progress"])
+                if p.get("steps_total"):  # a fine-tune job: steps instead of frames
+                    p["frames_total"], p["frames_done"] = p["steps_total"], p.get("step") or 0
                 if p["stage"] != stage:
                     if bar is not None:
                         bar.close()
                     stage = p["stage"]
-                    bar = tqdm(total=p.get("frames_total") or None, unit="frame", desc=stage, leave=False)
+                    unit = "step" if job["progress"].get("steps_total") else "frame"
+                    bar = tqdm(total=p.get("frames_total") or None, unit=unit, desc=stage, leave=False)
                 if bar is not None:
                     if p.get("frames_total") and bar.total != p["frames_total"]:
                         bar.total = p["frames_total"]
                     bar.update(max(0, (p.get("frames_done") or 0) - bar.n))
+                    if p.get("loss") is not None:
+                        bar.set_postfix(loss=f"{p['loss']:.4g}", refresh=False)
                     if p.get("eta_s") is not None:
                         bar.set_postfix(eta=f"{p['eta_s']:.0f}s", refresh=False)
         finally:
@@ -336,6 +341,35 @@ class Client:
         paths = self.fetch_results(job, out)
         table = PoseTable.load(paths["h5"] if "h5" in paths else paths["csv"])
         return Prediction(table, paths, job)
+
+    def finetune(self, zip_path: str | os.PathLike, *, base_model: str | None = None, steps: int | None = None,
+                 batch_size: int | None = None, name: str | None = None, version: str | None = None,
+                 init: str | None = None, head_width: int | None = None, test_fraction: float | None = None,
+                 wait: bool = True, progress: bool | None = None) -> dict:
+        """Fine-tune ``base_model`` on a zip of DeepLabCut labelled data (``CollectedData_<scorer>.csv`` and
+        its PNG frames). Streams the upload; with ``wait`` follows the job and returns it once it has
+        succeeded (``job["output_model"]`` is the new ``name@version``, visible to this API key only;
+        ``job["metrics"]`` its evaluation); raises :class:`RemoteError` when it is refused or fails."""
+        path = Path(zip_path)
+        if not path.is_file():
+            raise PosezooError(f"{path}: no such file")
+        opts = {"base_model": base_model, "steps": steps, "batch_size": batch_size, "name": name, "version": version,
+                "init": init, "head_width": head_width, "test_fraction": test_fraction, "filename": path.name}
+        size = path.stat().st_size
+        show = self.progress if progress is None else progress
+        job = self._request(
+            "POST", "/v1/finetune", params={k: v for k, v in opts.items() if v is not None},
+            body_factory=lambda: self._stream_file(path, size, show),
+            headers={"Content-Type": "application/zip", "Content-Length": str(size)},
+        ).json()
+        if not wait:
+            return job
+        job = self.wait(job["id"], progress=progress)
+        if job["status"] != "succeeded":
+            err = job.get("error") or {}
+            raise RemoteError(f"job {job['id']} {job['status']}: {err.get('detail', '')}".strip(), None,
+                              err.get("error", job["status"]), err.get("detail", ""), job)
+        return job
 
     def predict_image(self, image, *, model: str | None = None) -> dict:
         """Keypoints of one image (a path, encoded bytes, or an RGB uint8 array)."""

@@ -92,6 +92,19 @@ class ServiceSettings(BaseSettings):
     max_upload_bytes: int = Field(4 << 30, ge=1, description="largest video upload (413 above)")
     max_image_bytes: int = Field(20 << 20, ge=1, description="largest image for /v1/predict/image")
     max_finetune_bytes: int = Field(2 << 30, ge=1, description="largest labelled-data zip for fine-tuning")
+
+    # -- fine-tune jobs ---------------------------------------------------------------------
+    finetune_enabled: bool = Field(True, description="accept fine-tune jobs (they also need PyTorch on the server)")
+    finetune_queue_size: int = Field(2, ge=0, le=1000, description="fine-tune jobs waiting beyond the running one")
+    finetune_threads: int | None = Field(None, ge=1, description="PyTorch threads of a training run (default: cores)")
+    finetune_steps: int = Field(300, ge=1, description="training steps when a job names none")
+    finetune_batch_size: int = Field(8, ge=1, description="frames per step when a job names none")
+    max_finetune_steps: int = Field(5000, ge=1, description="most training steps a job may ask for")
+    max_finetune_batch_size: int = Field(32, ge=1, description="largest batch a job may ask for")
+    max_finetune_frames: int = Field(2000, ge=2, description="most labelled frames in one fine-tune job")
+    max_finetune_unzipped_bytes: int = Field(4 << 30, ge=1, description="largest total size the zip unpacks to")
+    max_finetune_members: int = Field(20_000, ge=1, description="most members (files) in the zip")
+    max_finetune_ratio: float = Field(100.0, ge=1, description="highest compression ratio of the zip (zip bombs)")
     allow_https_sources: bool = Field(False, description="accept https:// video URLs (never private/loopback hosts)")
     https_timeout_s: float = Field(30.0, gt=0)
 

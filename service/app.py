@@ -28,6 +28,7 @@ from posezoo.jobs import (
     ApiKeys,
     AuthError,
     ErrorBody,
+    FinetuneOptions,
     JobManager,
     JobOptions,
     JobRequest,
@@ -71,6 +72,19 @@ CREATE_BODY = {
         "application/octet-stream": _VIDEO_BODY,
         "application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}},
     },
+}
+
+
+_ZIP_BODY = {"schema": {"type": "string", "format": "binary"}}
+FINETUNE_BODY = {
+    "required": True,
+    "description": "A zip of a DeepLabCut labelled-data folder: the raw body (`application/zip`, options in the query "
+                   "string) or `multipart/form-data` with the zip as the file field `data` (text fields: any option). "
+                   "Streamed to disk; over MAX_FINETUNE_BYTES is 413.",
+    "content": {"application/zip": _ZIP_BODY, "application/octet-stream": _ZIP_BODY,
+                "multipart/form-data": {"schema": {"type": "object", "required": ["data"], "properties": {
+                    "data": {"type": "string", "format": "binary"}, "base_model": {"type": "string"},
+                    "steps": {"type": "integer"}}}}},
 }
 
 
@@ -200,7 +214,7 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
         check_declared_length(request.headers, limit + (MULTIPART_SLACK if multipart else 0))
         options = JobOptions(**query)
         if options.model:
-            await run_in_threadpool(m.check_model, options.model)
+            await run_in_threadpool(m.check_model, options.model, who)
         res = m.reserve(who)  # 429 before a byte of the body is read
         try:
             dest = m.upload_path(res, filename)
@@ -295,11 +309,11 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
     @app.get("/models", tags=["models"], summary="List zoo models", responses=ERRORS)
     async def list_models(who: str = Depends(owner)) -> list[dict]:
         """Every model of the zoo: name, version, species, keypoints, whether it is ready to serve."""
-        return await run_in_threadpool(manager().models)
+        return await run_in_threadpool(manager().models, who)
 
     @app.get("/models/{name}", tags=["models"], summary="Show a model card", responses=ERRORS)
     async def get_model(name: str = Path(..., description="name[@version] or alias"), who: str = Depends(owner)):
-        return await run_in_threadpool(manager().card, name)
+        return await run_in_threadpool(manager().card, name, who)
 
     @app.post("/predict/image", tags=["predict"], summary="Keypoints of one image (synchronous)", responses=ERRORS,
               openapi_extra={"requestBody": {"required": True, "content": {
@@ -324,15 +338,68 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
                 raise UploadError(f"image is over the limit of {limit} bytes", 413, "too_large")
         else:
             data = await _read_small(request, limit)
-        return await run_in_threadpool(m.predict_image, data, model)
+        return await run_in_threadpool(m.predict_image, data, model, who)
 
-    @app.post("/finetune", tags=["jobs"], summary="Fine-tune a model on DeepLabCut labelled data",
-              responses={**ERRORS, 503: {**_ERR, "description": "fine-tuning is unavailable on this server"}})
-    async def finetune(who: str = Depends(owner)):
-        """Takes a zip of DeepLabCut labelled data and a base model, trains, evaluates and registers a new
-        zoo version. Needs PyTorch and posezoo's training package on the server; answers 503 otherwise."""
-        reason = finetune_unavailable_reason()
-        return error(503, "finetune_unavailable", reason)
+    @app.post("/finetune", status_code=202, response_model=JobView, tags=["jobs"],
+              summary="Fine-tune a model on DeepLabCut labelled data", openapi_extra={"requestBody": FINETUNE_BODY},
+              responses={**ERRORS, 409: {**_ERR, "description": "the model name@version exists already"},
+                         503: {**_ERR, "description": "fine-tuning is unavailable on this server"}})
+    async def finetune(
+        request: Request,
+        who: str = Depends(owner),
+        base_model: str | None = Query(None, description="zoo model name[@version] to start from (its keypoints)"),
+        name: str | None = Query(None, description="name of the new model (default: <base>-ft)"),
+        version: str | None = Query(None, description="version of the new model (default: the next free 1.0.N)"),
+        steps: int | None = Query(None, ge=1, description="training steps (server default and cap)"),
+        batch_size: int | None = Query(None, ge=1, description="frames per step (server default and cap)"),
+        init: Literal["auto", "base", "imagenet"] | None = Query(None),
+        head_width: int | None = Query(None, ge=8, le=256, description="ImageNet start only"),
+        test_fraction: float | None = Query(None, gt=0, lt=1, description="held-out share (at least one frame)"),
+        test: str | None = Query(None, description="comma-separated glob patterns of held-out frames"),
+        seed: int | None = Query(None, ge=0),
+        filename: str | None = Query(None, description="name of the uploaded zip (raw uploads)"),
+    ) -> JSONResponse:
+        """A zip of a DeepLabCut `labeled-data/<video>/` folder (`CollectedData_<scorer>.csv` and its PNG frames)
+        as the raw body (`application/zip`) or the multipart file field `data`, plus a base model. The zip is
+        extracted safely and the labelled data validated before the answer (4xx naming the file and row);
+        then the job trains, evaluates on the held-out frames and registers `name@version`, visible to this
+        API key only. Follow it like any job; `metrics` and `output_model` appear when it succeeds."""
+        m = manager()
+        reason = m.finetune_unavailable()
+        if reason:
+            return error(503, "finetune_unavailable", reason)
+        query = {k: v for k, v in dict(base_model=base_model, name=name, version=version, steps=steps,
+                                       batch_size=batch_size, init=init, head_width=head_width,
+                                       test_fraction=test_fraction, test=test, seed=seed).items() if v is not None}
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype in ("application/json", "application/x-www-form-urlencoded") or ctype.startswith("text/"):
+            raise UploadError("send the labelled-data zip as the raw body (application/zip) or as the multipart "
+                              "file field 'data'", 415, "unsupported_media_type")
+        multipart = ctype == "multipart/form-data"
+        limit = m.settings.max_finetune_bytes
+        check_declared_length(request.headers, limit + (MULTIPART_SLACK if multipart else 0))
+        options = FinetuneOptions(**query)
+        res = m.reserve(who, kind="finetune")  # 429 before a byte of the body is read
+        try:
+            dest = m.finetune_upload_path(res)
+            m.begin_upload(res, JobOptions(), options.base_model or m.settings.model_default, options)
+            if multipart:
+                up = await receive_multipart(request.stream(), request.headers["content-type"], dest, limit,
+                                             file_fields=("data", "file", "zip"))
+                if up.file_path is None:
+                    raise UploadError("no zip in the form: send it as the file field 'data'", 400, "bad_upload")
+                fields = {k: v for k, v in up.fields.items() if k != "filename"}
+                options = FinetuneOptions(**{**query, **fields})
+                name_, nbytes = up.filename or up.fields.get("filename") or filename, up.file_bytes
+            else:
+                nbytes = await receive_raw(request.stream(), dest, limit)
+                name_ = filename
+            rec = await run_in_threadpool(m.submit_finetune, res, options, dest, name_, nbytes)
+        except BaseException:
+            await run_in_threadpool(m.release, res)
+            raise
+        return JSONResponse(JobView.of(rec, PREFIX).model_dump(mode="json"), status_code=202,
+                            headers={"Location": f"{PREFIX}/jobs/{rec.id}"})
 
     @app.get("/server", tags=["models"], summary="Server limits and load")
     async def server(who: str = Depends(owner)):
@@ -340,22 +407,17 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
         s = m.settings
         return {**m.stats(), "max_upload_bytes": s.max_upload_bytes, "max_image_bytes": s.max_image_bytes,
                 "default_model": s.model_default, "results_in_s3": m.results.in_s3,
-                "https_sources": s.allow_https_sources, "finetune": finetune_unavailable_reason() or "available"}
+                "https_sources": s.allow_https_sources, "finetune": m.finetune_unavailable() or "available",
+                "max_finetune_bytes": s.max_finetune_bytes, "max_finetune_steps": s.max_finetune_steps}
 
     return app
 
 
-def finetune_unavailable_reason() -> str:
-    """Why fine-tune jobs cannot run here (always non-empty until the training issue has landed)."""
-    import importlib.util
+def finetune_unavailable_reason() -> str | None:
+    """Why fine-tune jobs cannot run here (``None`` when they can); never imports PyTorch."""
+    from posezoo.jobs.finetune import unavailable_reason
 
-    if importlib.util.find_spec("torch") is None:
-        return "fine-tuning is unavailable on this server: PyTorch is not installed (pip install 'posezoo[train]')"
-    if importlib.util.find_spec("posezoo.training") is None:
-        return "fine-tuning is unavailable on this server: posezoo's training package is not installed"
-    # Not imported here: importing torch would cost the API server seconds and hundreds of MB.
-    return ("fine-tuning is unavailable on this server: fine-tune jobs are not enabled in this version of the "
-            "service yet (train locally with posezoo's training package)")
+    return unavailable_reason()
 
 
 async def _read_small(request: Request, limit: int) -> bytes:

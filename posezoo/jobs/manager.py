@@ -11,6 +11,7 @@ Layout of ``settings.data_dir``::
     uploads/<job>/input.*  uploaded videos, kept until their job ends (so it can resume)
     work/<job>/            scratch space of a running job (always removed at its end)
     results/<job>/         results of finished jobs (unless they go to S3)
+    catalogs/<key>/        models fine-tuned by an API key (posezoo.jobs.finetune), seen by that key only
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from ..errors import (
     ZooError,
 )
 from ..service_config import ServiceSettings
-from .models import JobOptions, JobRecord, Progress, ResultFile
+from .models import FinetuneOptions, JobOptions, JobRecord, Progress, ResultFile
 from .storage import ResultStore, SourceError, Sources, s3_client, split_s3_uri
 
 log = logging.getLogger("posezoo.jobs")
@@ -130,6 +131,7 @@ class Reservation:
     job_id: str
     owner: str
     released: bool = False
+    kind: str = "video"
 
 
 class JobManager:
@@ -159,7 +161,11 @@ class JobManager:
         self.sources = Sources(None, allow_https=settings.allow_https_sources, input_buckets=settings.input_buckets,
                                https_timeout_s=settings.https_timeout_s, max_bytes=settings.max_upload_bytes)
         self._lock = threading.Lock()
-        self._active = 0  # reserved + queued + running
+        self._active = 0  # reserved + queued + running video jobs
+        self._ft_active = 0  # the same for fine-tune jobs (their own pool of one worker)
+        self._ft_queue: queue.Queue[str | None] = queue.Queue()
+        self.catalogs = self.root / "catalogs"
+        self._owner_zoos: dict[str, object] = {}
         self._live: dict[str, JobRecord] = {}
         self._cancel: dict[str, threading.Event] = {}
         self._secret_uris: dict[str, str] = {}
@@ -186,6 +192,12 @@ class JobManager:
             t = threading.Thread(target=self._worker, name=f"posezoo-job-{i}", daemon=True)
             t.start()
             self._threads.append(t)
+        # Training gets one worker of its own: a run takes the machine's cores for minutes, so it must
+        # neither hold a video worker (and stall predictions behind it) nor run beside another run.
+        t = threading.Thread(target=self._worker, args=(self._ft_queue, "finetune"), name="posezoo-finetune",
+                             daemon=True)
+        t.start()
+        self._threads.append(t)
         if warm:
             try:
                 self.predictor(self.settings.model_default)
@@ -207,6 +219,7 @@ class JobManager:
             ev.set()
         for _ in self._threads:
             self._queue.put(None)
+            self._ft_queue.put(None)
         for t in self._threads:
             t.join(timeout)
         self._ready = False
@@ -227,10 +240,13 @@ class JobManager:
                 reason = "interrupted by a server restart (resuming is off); submit it again"
             elif rec.status == "running" and rec.attempts >= self.settings.max_attempts:
                 reason = f"interrupted by a server restart {rec.attempts} times; giving up"
-            elif rec.source.get("kind") == "upload" and not (rec.input_path and Path(rec.input_path).is_file()):
+            elif rec.kind == "video" and rec.source.get("kind") == "upload" and not (
+                    rec.input_path and Path(rec.input_path).is_file()):
                 reason = "the uploaded video was lost in a server restart; upload it again"
             elif rec.source.get("kind") == "https":
                 reason = "interrupted by a server restart; https sources are not kept, submit it again"
+            elif rec.kind == "finetune" and not (rec.input_path and Path(rec.input_path).is_dir()):
+                reason = "the uploaded labelled data was lost in a server restart; upload it again"
             if reason:
                 rec.status, rec.error, rec.finished_at = "failed", {"error": "interrupted", "detail": reason}, time.time()
                 rec.progress.stage = "done"
@@ -242,8 +258,10 @@ class JobManager:
             rec.status = "queued"
             rec.progress = Progress(stage="queued")
             if was == "running":
+                again = "training started again from step 0" if rec.kind == "finetune" else \
+                    "started again from the first frame"
                 rec.notes.append(f"resumed after a server restart at {time.strftime('%Y-%m-%d %H:%M:%S')} "
-                                 "(started again from the first frame)")
+                                 f"({again})")
             self.store.put(rec)
             resumed.append(rec)
         known = {r.id for r in resumed}
@@ -252,24 +270,57 @@ class JobManager:
                 shutil.rmtree(d, ignore_errors=True)
         with self._lock:
             for rec in resumed:
-                self._active += 1
+                if rec.kind == "finetune":
+                    self._ft_active += 1
+                    self._ft_queue.put(rec.id)
+                else:
+                    self._active += 1
+                    self._queue.put(rec.id)
                 self._live[rec.id] = rec
                 self._cancel[rec.id] = threading.Event()
-                self._queue.put(rec.id)
         if resumed:
             log.warning("resuming %d interrupted job(s): %s", len(resumed), ", ".join(r.id for r in resumed))
 
     # -- models -----------------------------------------------------------------------------
-    def check_model(self, spec: str | None) -> str:
-        """``name@version`` of the model a job asks for; refuses unknown or unusable ones."""
-        spec = spec or self.settings.model_default
+    def owner_catalog(self, owner: str) -> Path:
+        """The catalog of models fine-tuned by ``owner`` (seen by that key only)."""
+        from .finetune import owner_slug
+
+        return self.catalogs / owner_slug(owner)
+
+    def zoo_for(self, owner: str | None):
+        """The zoo a key sees: its own fine-tuned models first, then the server's."""
+        if owner is None or not self.owner_catalog(owner).is_dir():
+            return self.zoo
+        from ..zoo import Zoo
+
+        with self._lock:
+            z = self._owner_zoos.get(owner)
+            if z is None:
+                base = self.zoo
+                z = Zoo([self.owner_catalog(owner), *base.catalogs], include_bundled=False, cache_dir=base.cache_dir,
+                        hf_cache_dir=base.hf_cache_dir, s3_endpoint=base.s3_endpoint)
+                self._owner_zoos[owner] = z
+            return z
+
+    def _own(self, owner: str | None, card_dir: Path) -> bool:
+        return owner is not None and Path(card_dir).is_relative_to(self.owner_catalog(owner))
+
+    def _locate(self, spec: str, owner: str | None):
         try:
-            card = self.zoo.card(spec)
+            return self.zoo_for(owner)._locate(spec)
         except UnknownModelError as exc:
             msg = re.sub(r" \(`posezoo zoo list`[^)]*\)", "", str(exc))
             raise UnknownModelError(f"{msg} (GET /v1/models lists the models)", exc.suggestions) from None
+
+    def check_model(self, spec: str | None, owner: str | None = None) -> str:
+        """``name@version`` of the model a job asks for; refuses unknown or unusable ones."""
+        spec = spec or self.settings.model_default
+        if spec.endswith((".yaml", ".yml")) or "/" in spec:
+            raise UnknownModelError(f"unknown model {spec!r}: name a zoo model (GET /v1/models lists them)")
+        card, card_dir = self._locate(spec, owner)
         allowed = self.settings.allowed_models
-        if allowed is not None and card.name not in allowed and card.ref not in allowed:
+        if allowed is not None and card.name not in allowed and card.ref not in allowed and not self._own(owner, card_dir):
             raise UnknownModelError(f"model {spec!r} is not served here; available: {', '.join(allowed)}")
         if not card.artefact.published:
             raise ArtefactNotPublishedError(f"{card.ref}: the ONNX artefact of this model is not published yet; "
@@ -278,11 +329,15 @@ class JobManager:
             raise ZooError(f"{card.ref}: {card.task} models are not served by video jobs yet")
         return card.ref
 
-    def predictor(self, spec: str):
+    def predictor(self, spec: str, owner: str | None = None):
         """A cached :class:`~posezoo.predictor.PosePredictor` (loaded once per model)."""
         from ..predictor import PosePredictor
 
-        ref = self.check_model(spec)
+        ref = self.check_model(spec, owner)
+        zoo = self.zoo_for(owner)
+        card_dir = zoo._locate(ref)[1]
+        if self._own(owner, card_dir):
+            ref = f"{ref}#{card_dir}"  # cache key: another key may have a model of the same name@version
         with self._lock:
             p = self._predictors.get(ref)
             if p is not None:
@@ -292,18 +347,30 @@ class JobManager:
             with self._lock:
                 p = self._predictors.get(ref)
             if p is None:
-                r = self.zoo.resolve(ref)
+                r = zoo.resolve(ref.split("#", 1)[0])
                 p = PosePredictor(r.card, r.path, device=self.settings.device, threads=self.settings.ort_threads,
                                   source=r.source, sha256=r.card.artefact.sha256)
                 with self._lock:
                     self._predictors[ref] = p
         return p
 
-    def models(self) -> list[dict]:
+    def models(self, owner: str | None = None) -> list[dict]:
         allowed = self.settings.allowed_models
         out = []
+        own = set()
+        if owner is not None and self.owner_catalog(owner).is_dir():
+            from ..zoo import Zoo
+
+            mine = Zoo([self.owner_catalog(owner)], include_bundled=False).cards(all_versions=True)
+            own = {c.ref for c in mine}
+            for c in mine:
+                out.append({"name": c.name, "version": c.version, "ref": c.ref, "species": c.species, "task": c.task,
+                            "keypoints": c.keypoints, "aliases": c.aliases, "ready": c.artefact.published,
+                            "default": False, "owner": owner, "metrics": (c.metrics or {}).get("test", {}).get("overall")})
         for c in self.zoo.cards():
             if allowed is not None and c.name not in allowed and c.ref not in allowed:
+                continue
+            if c.ref in own:
                 continue
             out.append({"name": c.name, "version": c.version, "ref": c.ref, "species": c.species, "task": c.task,
                         "keypoints": c.keypoints, "aliases": c.aliases, "ready": c.artefact.published
@@ -316,10 +383,12 @@ class JobManager:
         except PosezooError:
             return None
 
-    def card(self, spec: str) -> dict:
-        card = self.zoo.card(spec)
+    def card(self, spec: str, owner: str | None = None) -> dict:
+        if spec.endswith((".yaml", ".yml")) or "/" in spec:
+            raise UnknownModelError(f"unknown model {spec!r}")
+        card, card_dir = self._locate(spec, owner)
         allowed = self.settings.allowed_models
-        if allowed is not None and card.name not in allowed and card.ref not in allowed:
+        if allowed is not None and card.name not in allowed and card.ref not in allowed and not self._own(owner, card_dir):
             raise UnknownModelError(f"model {spec!r} is not served here")
         return card.model_dump(mode="json", exclude_none=True)
 
@@ -328,11 +397,19 @@ class JobManager:
     def capacity(self) -> int:
         return self.settings.workers + self.settings.queue_size
 
-    def reserve(self, owner: str) -> Reservation:
+    def reserve(self, owner: str, kind: str = "video") -> Reservation:
         """Take a queue slot (429 when none is left) and a job id."""
         if self._stopping.is_set():
             raise QueueFullError("the server is shutting down", self.settings.retry_after_s)
         with self._lock:
+            if kind == "finetune":
+                if self._ft_active >= 1 + self.settings.finetune_queue_size:
+                    self._metrics.rejected.labels("queue_full").inc()
+                    raise QueueFullError(
+                        f"a fine-tune job is running and the fine-tune queue of {self.settings.finetune_queue_size} "
+                        f"is full; try again later", max(self.settings.retry_after_s, 30))
+                self._ft_active += 1
+                return Reservation(uuid.uuid4().hex, owner, kind=kind)
             if self._active >= self.capacity:
                 self._metrics.rejected.labels("queue_full").inc()
                 raise QueueFullError(
@@ -347,7 +424,10 @@ class JobManager:
             return
         res.released = True
         with self._lock:
-            self._active -= 1
+            if res.kind == "finetune":
+                self._ft_active -= 1
+            else:
+                self._active -= 1
         self._cleanup_inputs(res.job_id)
         rec = self.store.get(res.job_id)
         if rec is not None and rec.status == "uploading":
@@ -359,15 +439,17 @@ class JobManager:
         d.mkdir(parents=True, exist_ok=True)
         return d / f"input{suffix if suffix in VIDEO_SUFFIXES else '.video'}"
 
-    def begin_upload(self, res: Reservation, options: JobOptions, model: str) -> None:
+    def begin_upload(self, res: Reservation, options: JobOptions, model: str,
+                     finetune: FinetuneOptions | None = None) -> None:
         """Record the job as ``uploading`` (so a crash mid-upload leaves a failed job, not nothing)."""
         self.store.put(JobRecord(id=res.job_id, owner=res.owner, status="uploading", options=options, model=model,
+                                 kind=res.kind, finetune=finetune,  # type: ignore[arg-type]
                                  source={"kind": "upload"}, progress=Progress(stage="uploading")))
 
     def submit_upload(self, res: Reservation, options: JobOptions, path: Path, filename: str | None,
                       nbytes: int) -> JobRecord:
         """Validate an uploaded video and queue its job (422 for a file that is not a good video)."""
-        model = self.check_model(options.model)
+        model = self.check_model(options.model, res.owner)
         if nbytes == 0:
             raise VideoError(f"{filename or 'the upload'}: file is empty (0 bytes)")
         try:
@@ -385,7 +467,7 @@ class JobManager:
 
     def submit_uri(self, res: Reservation, options: JobOptions, uri: str) -> JobRecord:
         """Queue a job on an ``s3://`` (or allowed ``https://``) source, checked now."""
-        model = self.check_model(options.model)
+        model = self.check_model(options.model, res.owner)
         if self.results.in_s3 and uri.startswith(f"s3://{self.results.bucket}/{self.results.prefix}".rstrip("/")):
             raise SourceError("s3:// sources may not name the server's results", status=403, code="forbidden_source")
         source = self.sources.describe(uri)
@@ -393,6 +475,52 @@ class JobManager:
         if source["kind"] == "https":
             self._secret_uris[rec.id] = uri  # never stored: it may carry a token
         return self._enqueue(res, rec)
+
+    # -- fine-tune jobs ---------------------------------------------------------------------
+    def finetune_unavailable(self) -> str | None:
+        """Why this server cannot run fine-tune jobs, or ``None`` (no PyTorch import)."""
+        from .finetune import unavailable_reason
+
+        return unavailable_reason(self.settings)
+
+    def finetune_upload_path(self, res: Reservation) -> Path:
+        d = self.uploads / res.job_id
+        d.mkdir(parents=True, exist_ok=True)
+        return d / "labelled.zip"
+
+    def submit_finetune(self, res: Reservation, options: FinetuneOptions, zip_path: Path, filename: str | None,
+                        nbytes: int) -> JobRecord:
+        """Extract (safely) and validate an uploaded labelled-data zip, then queue its fine-tune job.
+        Anything wrong with the archive or the data is a 4xx now, naming the file and row."""
+        from .archive import extract_zip
+        from .finetune import check_target, default_name, plan, zip_limits
+        from .uploads import UploadError
+
+        if nbytes == 0:
+            raise UploadError(f"{filename or 'the upload'} is empty (0 bytes)", 422, "invalid_archive")
+        base = self.check_model(options.base_model, res.owner)
+        zoo = self.zoo_for(res.owner)
+        card = zoo.card(base)
+        root = zip_path.parent / "labelled"
+        shutil.rmtree(root, ignore_errors=True)
+        extracted = extract_zip(zip_path, root, zip_limits(self.settings))
+        zip_path.unlink(missing_ok=True)  # the extracted folder is what a restart resumes from
+        p = plan(root, options, card, self.settings)
+        check_target(zoo, options.name or default_name(card), options.version)
+        rec = JobRecord(id=res.job_id, owner=res.owner, kind="finetune", options=JobOptions(), finetune=options,
+                        model=base, input_path=str(root),
+                        source={"kind": "upload", "filename": filename or "labelled.zip", "bytes": nbytes,
+                                "files": extracted.files, "label_file": p.label_file, "frames": p.frames,
+                                "train_frames": p.train_frames, "test_frames": len(p.test_frames), "init": p.init,
+                                "steps": p.steps, "batch_size": p.batch_size},
+                        progress=Progress(stage="queued", step=0, steps_total=p.steps))
+        self._metrics.upload_bytes.inc(nbytes)
+        return self._enqueue(res, rec)
+
+    def forget_owner_zoo(self, owner: str) -> None:
+        """After a key's catalog changed: its zoo is re-read at the next use."""
+        with self._lock:
+            self._owner_zoos.pop(owner, None)
 
     def _check_length(self, info: dict) -> None:
         mf = self.settings.max_frames
@@ -408,8 +536,8 @@ class JobManager:
             res.released = True  # the slot now belongs to the queued job
             self._live[rec.id] = rec
             self._cancel[rec.id] = threading.Event()
-        self._queue.put(rec.id)
-        self._metrics.submitted.labels(rec.source.get("kind", "?")).inc()
+        (self._ft_queue if rec.kind == "finetune" else self._queue).put(rec.id)
+        self._metrics.submitted.labels("finetune" if rec.kind == "finetune" else rec.source.get("kind", "?")).inc()
         log.info("job %s queued (owner %s, model %s, source %s)", rec.id, rec.owner, rec.model, rec.source.get("kind"))
         return rec
 
@@ -465,10 +593,16 @@ class JobManager:
 
     def stats(self) -> dict:
         with self._lock:
-            running = sum(1 for r in self._live.values() if r.status == "running")
-            queued = sum(1 for r in self._live.values() if r.status == "queued")
+            video = [r for r in self._live.values() if r.kind != "finetune"]
+            ft = [r for r in self._live.values() if r.kind == "finetune"]
+            running = sum(1 for r in video if r.status == "running")
+            queued = sum(1 for r in video if r.status == "queued")
+            ft_running = sum(1 for r in ft if r.status == "running")
+            ft_queued = sum(1 for r in ft if r.status == "queued")
             return {"workers": self.settings.workers, "queue_size": self.settings.queue_size,
-                    "running": running, "queued": queued, "reserved": self._active - running - queued}
+                    "running": running, "queued": queued, "reserved": self._active - running - queued,
+                    "finetune": {"workers": 1, "queue_size": self.settings.finetune_queue_size,
+                                 "running": ft_running, "queued": ft_queued}}
 
     def metrics_text(self) -> str:
         s = self.stats()
@@ -477,7 +611,7 @@ class JobManager:
         return self._metrics.text()
 
     # -- images -----------------------------------------------------------------------------
-    def predict_image(self, data: bytes, model: str | None) -> dict:
+    def predict_image(self, data: bytes, model: str | None, owner: str | None = None) -> dict:
         import cv2
         import numpy as np
 
@@ -486,7 +620,7 @@ class JobManager:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         if img is None:
             raise VideoError("not a readable image (PNG, JPEG, BMP, TIFF or WebP expected)")
-        p = self.predictor(model or self.settings.model_default)
+        p = self.predictor(model or self.settings.model_default, owner)
         t0 = time.perf_counter()
         kp = p.predict_images(img, colour_order="BGR")[0, 0]
         dt = time.perf_counter() - t0
@@ -498,9 +632,10 @@ class JobManager:
         }
 
     # -- the worker -------------------------------------------------------------------------
-    def _worker(self) -> None:
+    def _worker(self, jobs: "queue.Queue[str | None] | None" = None, kind: str = "video") -> None:
+        jobs = jobs if jobs is not None else self._queue
         while True:
-            job_id = self._queue.get()
+            job_id = jobs.get()
             if job_id is None or self._stopping.is_set():
                 return
             try:
@@ -509,7 +644,10 @@ class JobManager:
                 log.error("job %s: unexpected error in the worker:\n%s", job_id, traceback.format_exc())
             finally:
                 with self._lock:
-                    self._active -= 1
+                    if kind == "finetune":
+                        self._ft_active -= 1
+                    else:
+                        self._active -= 1
                     self._live.pop(job_id, None)
                     self._cancel.pop(job_id, None)
                     self._secret_uris.pop(job_id, None)
@@ -534,7 +672,12 @@ class JobManager:
         tracker = _Tracker(self, rec, cancel)
         keep_input = False
         try:
-            results = self._pipeline(rec, work, tracker)
+            if rec.kind == "finetune":
+                from .finetune import run_job
+
+                results = run_job(self, rec, work, tracker)
+            else:
+                results = self._pipeline(rec, work, tracker)
             rec.results = results
             self._finish(rec, "succeeded", None)
         except _Interrupted:
@@ -572,7 +715,7 @@ class JobManager:
             rec.progress.eta_s = None
         self.store.put(rec)
         self._metrics.finished.labels(status).inc()
-        if rec.started_at:
+        if rec.started_at and rec.kind != "finetune":
             self._metrics.duration.observe(rec.finished_at - rec.started_at)
         log.info("job %s %s%s", rec.id, status, f": {error['detail']}" if error else "")
 
@@ -597,7 +740,7 @@ class JobManager:
             info = validate_video(video)
             self._check_length(info)
             rec.n_frames = info["n_frames"] or None
-        predictor = self.predictor(rec.model)
+        predictor = self.predictor(rec.model, rec.owner)
         tracker.start(rec.n_frames or 0, 2 if opts.labeled_video else 1)
         tracker.stage("predicting")
         table = predictor.predict_video(

@@ -12,6 +12,10 @@ from ..table import FORMATS
 JobStatus = Literal["uploading", "queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 Stage = Literal["uploading", "queued", "fetching", "predicting", "writing", "rendering", "storing", "done"]
+#: stages of a fine-tune job
+FinetuneStage = Literal["uploading", "queued", "extracting", "validating", "training", "evaluating", "registering",
+                        "done"]
+JobKind = Literal["video", "finetune"]
 
 #: Result kinds a job can produce, with their file suffix and content type.
 RESULT_KINDS: dict[str, tuple[str, str]] = {
@@ -62,6 +66,36 @@ class JobOptions(BaseModel):
         return list(dict.fromkeys(v))
 
 
+class FinetuneOptions(BaseModel):
+    """Options of a fine-tune job (query string or multipart form fields). Unset numbers take the
+    server's defaults; the server caps them (``MAX_FINETUNE_STEPS``, ``MAX_FINETUNE_BATCH_SIZE``)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    base_model: str | None = Field(None, description="zoo model name[@version] to start from, with the keypoints of "
+                                                     "the labelled data (default: the server's default model)")
+    name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_\-]*$", max_length=64,
+                             description="name of the new model (default: <base name>-ft)")
+    version: str | None = Field(None, pattern=r"^[0-9A-Za-z.\-+]+$", max_length=64,
+                                description="version of the new model (default: the next free 1.0.N)")
+    steps: int | None = Field(None, ge=1, description="training steps (default: the server's FINETUNE_STEPS)")
+    batch_size: int | None = Field(None, ge=1, description="frames per step (default: the server's)")
+    init: Literal["auto", "base", "imagenet"] = Field(
+        "auto", description="start from the base model's training checkpoint (base), from ImageNet weights with the "
+                            "base card's keypoints (imagenet), or the checkpoint when the card records one (auto)")
+    head_width: int | None = Field(None, ge=8, le=256, description="head channels (ImageNet start only; default 64)")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share of the labelled frames (at least one)")
+    test: list[str] | None = Field(None, description="glob patterns of held-out frames (instead of test_fraction)")
+    seed: int = Field(0, ge=0)
+
+    @field_validator("test", mode="before")
+    @classmethod
+    def _split_test(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [p.strip() for p in v.split(",") if p.strip()]
+        return v or None
+
+
 class JobRequest(JobOptions):
     """JSON body of a job whose video is named by a URI instead of uploaded."""
 
@@ -75,6 +109,9 @@ class Progress(BaseModel):
     fps: float | None = None
     eta_s: float | None = None
     fraction: float = 0.0
+    step: int | None = Field(None, description="fine-tune jobs: training steps done")
+    steps_total: int | None = Field(None, description="fine-tune jobs: training steps in all")
+    loss: float | None = Field(None, description="fine-tune jobs: running training loss")
 
 
 class ResultFile(BaseModel):
@@ -92,8 +129,10 @@ class JobRecord(BaseModel):
 
     id: str
     owner: str
+    kind: JobKind = "video"
     status: JobStatus = "queued"
     options: JobOptions
+    finetune: FinetuneOptions | None = None
     model: str
     source: dict[str, Any] = Field(default_factory=dict, description="kind, uri or filename, bytes")
     input_path: str | None = None
@@ -106,6 +145,8 @@ class JobRecord(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     n_frames: int | None = None
+    metrics: dict[str, Any] | None = None
+    output_model: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -118,9 +159,11 @@ class JobView(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
     id: str
+    kind: JobKind = "video"
     status: JobStatus
     model: str
     options: JobOptions
+    finetune: FinetuneOptions | None = Field(None, description="fine-tune jobs: their options")
     source: dict[str, Any]
     progress: Progress
     results: dict[str, str] = Field(default_factory=dict, description="result kind -> download path")
@@ -131,11 +174,15 @@ class JobView(BaseModel):
     started_at: float | None
     finished_at: float | None
     n_frames: int | None = None
+    metrics: dict[str, Any] | None = Field(None, description="fine-tune jobs: evaluation of the new model "
+                                                              "(posezoo.evaluate, per split and keypoint)")
+    output_model: str | None = Field(None, description="fine-tune jobs: name@version of the registered model")
 
     @classmethod
     def of(cls, rec: JobRecord, base: str = "/v1") -> "JobView":
         return cls(
-            id=rec.id, status=rec.status, model=rec.model, options=rec.options, source=rec.source,
+            id=rec.id, kind=rec.kind, status=rec.status, model=rec.model, options=rec.options,
+            finetune=rec.finetune, source=rec.source, metrics=rec.metrics, output_model=rec.output_model,
             progress=rec.progress, error=rec.error, attempts=rec.attempts, notes=rec.notes,
             created_at=rec.created_at, started_at=rec.started_at, finished_at=rec.finished_at,
             n_frames=rec.n_frames,
