@@ -104,7 +104,9 @@ def start_server(data_dir: Path, env: dict[str, str], timeout: float = 90) -> Se
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir.parent / f"{data_dir.name}-server-{port}.log"
+    # The quick tests run on the tiny model; the openfield test asks for the bundled default.
     full_env = {**os.environ, "POSEZOO_SERVICE_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1",
+                "POSEZOO_SERVICE_DEFAULT_MODEL": TINY,
                 "BENTOML_DO_NOT_TRACK": "True", "BENTOML_HOME": str(data_dir.parent / "bentoml-home"), **env}
     log = open(log_path, "ab")
     proc = subprocess.Popen(
@@ -704,7 +706,10 @@ def test_openfield_video_through_client_and_curl(tmp_path_factory, openfield_vid
     curl = shutil.which("curl")
     assert curl, "curl is needed for this test"
     d = tmp_path_factory.mktemp("service-openfield")
-    srv = start_server(d / "data", key_env())  # defaults: one worker with every core, as the CLI
+    from posezoo import DEFAULT_MODEL
+
+    # defaults: one worker with every core, as the CLI, and the bundled default model
+    srv = start_server(d / "data", key_env(default_model=DEFAULT_MODEL))
     try:
         t0 = time.perf_counter()
         with Client(srv.url, api_key=KEYS["alice"], progress=False) as client:
