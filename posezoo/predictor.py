@@ -48,6 +48,68 @@ class StageTimes:
         }
 
 
+class FrameLoop:
+    """The frame loop every predictor shares: batches from the video decoder, time spent
+    waiting for them, progress, and a truncated video noted instead of raised.
+
+    Use as ``with FrameLoop(...) as loop: for batch in loop: ...``; afterwards
+    ``loop.done`` frames were consumed, ``loop.truncated`` holds the
+    :class:`TruncatedVideoError` (or None) and ``times.total`` the wall time.
+    """
+
+    def __init__(self, video, info, batch_size: int, times: StageTimes, *, size=None, colour_order: str = "RGB",
+                 max_frames: int | None = None, progress: bool | ProgressCallback = False):
+        self.times = times
+        self.expected = min(info.n_frames, max_frames) if max_frames else info.n_frames
+        self.done = 0
+        self.truncated: TruncatedVideoError | None = None
+        self._bar, self._callback = _progress(progress, self.expected, Path(video).name)
+        self._batches = iter_batches(video, batch_size, size=size, colour_order=colour_order, max_frames=max_frames)
+        self._t_start = time.perf_counter()
+
+    def __iter__(self):
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(self._batches)
+            except StopIteration:
+                return
+            except TruncatedVideoError as exc:
+                self.truncated = exc
+                return
+            finally:
+                self.times.video_wait += time.perf_counter() - t0
+            yield batch
+            self.done += len(batch.frames)
+            if self._callback:
+                self._callback(self.done, max(self.expected, self.done))
+
+    def __enter__(self) -> "FrameLoop":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._batches.close()
+        if self._bar is not None:
+            self._bar.close()
+        self.times.total = time.perf_counter() - self._t_start
+
+
+def finish_poses(data: np.ndarray, meta: dict, loop: FrameLoop, info, *, pcutoff: float, allow_truncated: bool,
+                 filter: str | None, filter_window: int, max_jump: float | None) -> np.ndarray:
+    """What every predictor does after its loop: refuse (or note) a truncated video,
+    filter, and list outlier frames in ``meta``. Returns the (filtered) poses."""
+    if loop.truncated is not None:
+        if not allow_truncated:
+            raise loop.truncated
+        meta["truncated"] = {"frames_read": loop.truncated.frames_read, "error": str(loop.truncated)}
+    if filter:
+        data = filter_poses(data, filter, filter_window)
+        meta["filter"] = {"method": filter, "window": filter_window}
+    diag = float(np.hypot(info.width, info.height))
+    meta["outliers"] = outlier_frames(data, pcutoff, max_jump or 0.05 * diag)
+    return data
+
+
 class PosePredictor:
     """Full-frame (single-animal) heatmap model: frames in, keypoints in frame pixels out.
 
@@ -182,49 +244,16 @@ class PosePredictor:
         info = probe(video)
         plan = plan_resize(info.size, self.card.input)
         times = StageTimes()
-        expected = min(info.n_frames, max_frames) if max_frames else info.n_frames
-        bar, callback = _progress(progress, expected, Path(video).name)
         chunks: list[np.ndarray] = []
-        truncated: TruncatedVideoError | None = None
-        done = 0
-        t_start = time.perf_counter()
-        batches = iter_batches(
-            video, batch_size, size=plan.resized_wh if plan.needs_resize else None,
-            colour_order=self.card.input.colour_order, max_frames=max_frames,
-        )
-        try:
-            while True:
-                t0 = time.perf_counter()
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    break
-                except TruncatedVideoError as exc:
-                    truncated = exc
-                    break
-                finally:
-                    times.video_wait += time.perf_counter() - t0
+        with FrameLoop(video, info, batch_size, times, size=plan.resized_wh if plan.needs_resize else None,
+                       colour_order=self.card.input.colour_order, max_frames=max_frames, progress=progress) as loop:
+            for batch in loop:
                 chunks.append(self._infer(batch.frames, plan, times))
-                done += len(batch.frames)
-                if callback:
-                    callback(done, max(expected, done))
-        finally:
-            batches.close()
-            if bar is not None:
-                bar.close()
-        times.total = time.perf_counter() - t_start
-        if truncated is not None and not allow_truncated:
-            raise truncated
         n_kp = self.card.n_keypoints
         data = np.concatenate(chunks) if chunks else np.zeros((0, 1, n_kp, 3), np.float32)
-        meta = self._metadata(info, times, done, batch_size)
-        if truncated is not None:
-            meta["truncated"] = {"frames_read": truncated.frames_read, "error": str(truncated)}
-        if filter:
-            data = filter_poses(data, filter, filter_window)
-            meta["filter"] = {"method": filter, "window": filter_window}
-        diag = float(np.hypot(info.width, info.height))
-        meta["outliers"] = outlier_frames(data, self.card.pcutoff, max_jump or 0.05 * diag)
+        meta = self._metadata(info, times, loop.done, batch_size)
+        data = finish_poses(data, meta, loop, info, pcutoff=self.card.pcutoff, allow_truncated=allow_truncated,
+                            filter=filter, filter_window=filter_window, max_jump=max_jump)
         return PoseTable(data, tuple(self.card.keypoints), ("animal0",), self.card.ref, meta)
 
     def _metadata(self, info, times: StageTimes, n_frames: int, batch_size: int) -> dict:

@@ -30,12 +30,11 @@ import numpy as np
 
 from .cards import DetectorSpec, ModelCard, TopDownSpec
 from .decoding import decode_heatmaps
-from .errors import InputError, PosezooError, TruncatedVideoError
-from .filtering import filter_poses, outlier_frames
-from .predictor import StageTimes, _progress
+from .errors import InputError, PosezooError
+from .predictor import FrameLoop, StageTimes, finish_poses
 from .runtime import OrtModel, normalise_batch
 from .table import PoseTable
-from .video import iter_batches, probe
+from .video import probe
 
 
 # -- crops ------------------------------------------------------------------------------------
@@ -504,28 +503,12 @@ class TopDownPredictor:
         times = StageTimes()
         t_detect = 0.0
         n_detector_runs = n_crops = 0
-        expected = min(info.n_frames, max_frames) if max_frames else info.n_frames
-        bar, callback = _progress(progress, expected, Path(video).name)
         K = self.card.n_keypoints
         chunks: list[np.ndarray] = []
-        truncated: TruncatedVideoError | None = None
         prev = np.full((m, K, 3), np.nan, np.float32)  # last frame's poses, per slot
-        done = 0
-        t_start = time.perf_counter()
-        batches = iter_batches(video, batch_size, size=None, colour_order=self.card.input.colour_order,
-                               max_frames=max_frames)
-        try:
-            while True:
-                t0 = time.perf_counter()
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    break
-                except TruncatedVideoError as exc:
-                    truncated = exc
-                    break
-                finally:
-                    times.video_wait += time.perf_counter() - t0
+        with FrameLoop(video, info, batch_size, times, size=None, colour_order=self.card.input.colour_order,
+                       max_frames=max_frames, progress=progress) as loop:
+            for batch in loop:
                 frames = batch.frames
                 out = np.full((len(frames), m, K, 3), np.nan, np.float32)
                 wh = (frames.shape[2], frames.shape[1])
@@ -564,32 +547,17 @@ class TopDownPredictor:
                 if len(frames):
                     prev = out[-1]
                 chunks.append(out)
-                done += len(frames)
-                if callback:
-                    callback(done, max(expected, done))
-        finally:
-            batches.close()
-            if bar is not None:
-                bar.close()
-        times.total = time.perf_counter() - t_start
-        if truncated is not None and not allow_truncated:
-            raise truncated
         data = np.concatenate(chunks) if chunks else np.zeros((0, m, K, 3), np.float32)
         n_keep = m if keep_empty_individuals else max(1, int(np.flatnonzero(tracker.used).max() + 1) if tracker.used.any() else 1)
         data = data[:, :n_keep]
         times.extra.update({"detector_s": round(t_detect, 4), "detector_runs": n_detector_runs, "crops": n_crops,
                             "crops_per_s": round(n_crops / max(times.inference, 1e-9), 2)})
-        meta = self._metadata(info, times, done, batch_size)
+        meta = self._metadata(info, times, loop.done, batch_size)
         meta["top_down"] = {"detector_every": detector_every, "max_individuals": m, "individuals_found": n_keep,
                             "carry_min_likelihood": min_lik, "carry_margin": carry_margin,
                             "tracking": "hungarian (1 - IoU + centre distance / box diagonal)"}
-        if truncated is not None:
-            meta["truncated"] = {"frames_read": truncated.frames_read, "error": str(truncated)}
-        if filter:
-            data = filter_poses(data, filter, filter_window)
-            meta["filter"] = {"method": filter, "window": filter_window}
-        diag = float(np.hypot(info.width, info.height))
-        meta["outliers"] = outlier_frames(data, self.card.pcutoff, max_jump or 0.05 * diag)
+        data = finish_poses(data, meta, loop, info, pcutoff=self.card.pcutoff, allow_truncated=allow_truncated,
+                            filter=filter, filter_window=filter_window, max_jump=max_jump)
         individuals = tuple(f"animal{i}" for i in range(n_keep))
         return PoseTable(data, tuple(self.card.keypoints), individuals, self.card.ref, meta)
 
