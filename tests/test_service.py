@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,18 +21,13 @@ import httpx
 import pytest
 
 from conftest import OPENFIELD_FRAMES, REPO, TINY
+from s3server import free_port
 
 KEYS = {"alice": "alice-token-0123456789", "bob": "bob-token-9876543210"}
 MB = 1 << 20
 
 
 # -- server harness ------------------------------------------------------------------------
-def free_port() -> int:
-    with closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Server:
     url: str
