@@ -316,12 +316,7 @@ class JobManager:
     def check_model(self, spec: str | None, owner: str | None = None) -> str:
         """``name@version`` of the model a job asks for; refuses unknown or unusable ones."""
         spec = spec or self.settings.model_default
-        if spec.endswith((".yaml", ".yml")) or "/" in spec:
-            raise UnknownModelError(f"unknown model {spec!r}: name a zoo model (GET /v1/models lists them)")
-        card, card_dir = self._locate(spec, owner)
-        allowed = self.settings.allowed_models
-        if allowed is not None and card.name not in allowed and card.ref not in allowed and not self._own(owner, card_dir):
-            raise UnknownModelError(f"model {spec!r} is not served here; available: {', '.join(allowed)}")
+        card, _ = self._served_card(spec, owner)
         if not card.artefact.published:
             raise ArtefactNotPublishedError(f"{card.ref}: the ONNX artefact of this model is not published yet; "
                                             "choose a model that /v1/models marks as ready")
@@ -384,13 +379,18 @@ class JobManager:
             return None
 
     def card(self, spec: str, owner: str | None = None) -> dict:
+        return self._served_card(spec, owner)[0].model_dump(mode="json", exclude_none=True)
+
+    def _served_card(self, spec: str, owner: str | None):
+        """The card (and its directory) of a model this server serves to ``owner``: a zoo
+        name, never a path on the server's disk, allowed by configuration or the owner's own."""
         if spec.endswith((".yaml", ".yml")) or "/" in spec:
-            raise UnknownModelError(f"unknown model {spec!r}")
+            raise UnknownModelError(f"unknown model {spec!r}: name a zoo model (GET /v1/models lists them)")
         card, card_dir = self._locate(spec, owner)
         allowed = self.settings.allowed_models
         if allowed is not None and card.name not in allowed and card.ref not in allowed and not self._own(owner, card_dir):
-            raise UnknownModelError(f"model {spec!r} is not served here")
-        return card.model_dump(mode="json", exclude_none=True)
+            raise UnknownModelError(f"model {spec!r} is not served here; available: {', '.join(allowed)}")
+        return card, card_dir
 
     # -- admission --------------------------------------------------------------------------
     @property
