@@ -94,6 +94,29 @@ def key_env(**extra) -> dict[str, str]:
     return env
 
 
+class PeakRss:
+    """Samples a server's RSS on a thread while the ``with`` block runs: ``base``, ``peak`` (bytes)."""
+
+    def __init__(self, server: "Server", interval: float = 0.05):
+        self.server, self.interval = server, interval
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.server.rss())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakRss":
+        self.base = self.peak = self.server.rss()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def start_server(data_dir: Path, env: dict[str, str], timeout: float = 90) -> Server:
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -489,17 +512,6 @@ def test_eight_concurrent_clients(server, videos, tmp_path):
     from posezoo.client import Client
 
     body = videos["medium"].read_bytes()
-    base = server.rss()
-    peak = [base]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], server.rss())
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     barrier = threading.Barrier(8)
 
     def raw_client(i):
@@ -507,7 +519,7 @@ def test_eight_concurrent_clients(server, videos, tmp_path):
         return httpx.post(f"{server.url}/v1/jobs?labeled_video=true", headers=auth("alice" if i % 2 else "bob"),
                           content=body, timeout=60)
 
-    try:
+    with PeakRss(server, 0.05) as rss:
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(raw_client, range(8)))
         statuses = [r.status_code for r in answers]
@@ -528,14 +540,11 @@ def test_eight_concurrent_clients(server, videos, tmp_path):
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(client_run, range(8)))
         assert all(r.job["status"] == "succeeded" and r.table.n_frames == 150 for r in results)
-    finally:
-        stop.set()
-        sampler.join()
     metrics = httpx.get(f"{server.url}/metrics").text
     assert 'posezoo_jobs_rejected_total{reason="queue_full"}' in metrics
-    growth = (peak[0] - base) / MB
+    growth = (rss.peak - rss.base) / MB
     print(f"\n8 concurrent clients: {statuses.count(202)} accepted, {statuses.count(429)} got 429; "
-          f"server RSS {base / MB:.0f} MB -> peak {peak[0] / MB:.0f} MB (+{growth:.0f} MB)")
+          f"server RSS {rss.base / MB:.0f} MB -> peak {rss.peak / MB:.0f} MB (+{growth:.0f} MB)")
     assert growth < 800, f"server memory grew by {growth:.0f} MB"
     assert "Traceback" not in server.log()
 
@@ -545,30 +554,16 @@ def test_upload_is_streamed_to_disk(server):
     than its size: the body goes to disk chunk by chunk (service/bench_upload_rss.py measures 1 GB)."""
     size = 39 * MB  # under this server's limit; the 1 GB figure comes from service/bench_upload_rss.py
     chunk = os.urandom(MB)
-    base = server.rss()
-    peak = [base]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], server.rss())
-            time.sleep(0.02)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
 
     def gen():
         for _ in range(size // MB):
             yield chunk
 
-    try:
+    with PeakRss(server, 0.02) as rss:
         r = httpx.post(f"{server.url}/v1/jobs", headers={**auth(), "Content-Length": str(size)}, content=gen(),
                        timeout=60)
-    finally:
-        stop.set()
-        t.join()
     assert_error(r, 422, "invalid_video")
-    growth = (peak[0] - base) / MB
+    growth = (rss.peak - rss.base) / MB
     assert growth < 30, f"RSS grew by {growth:.1f} MB for a {size / MB:.0f} MB upload"
 
 
