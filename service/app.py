@@ -219,16 +219,10 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
         try:
             dest = m.upload_path(res, filename)
             m.begin_upload(res, options, options.model or m.settings.model_default)
-            if multipart:
-                up = await receive_multipart(request.stream(), request.headers["content-type"], dest, limit)
-                if up.file_path is None:
-                    raise UploadError("no video in the form: send it as the file field 'video'", 400, "bad_upload")
-                fields = {k: v for k, v in up.fields.items() if k != "filename"}
-                options = JobOptions(**{**query, **fields})
-                name, nbytes = up.filename or up.fields.get("filename") or filename, up.file_bytes
-            else:
-                nbytes = await receive_raw(request.stream(), dest, limit)
-                name = filename
+            fields, name, nbytes = await _receive_body(
+                request, dest, limit, multipart, filename=filename, file_fields=("video", "file"),
+                missing="no video in the form: send it as the file field 'video'")
+            options = JobOptions(**{**query, **fields})
             rec = await run_in_threadpool(m.submit_upload, res, options, dest, name, nbytes)
         except BaseException:
             await run_in_threadpool(m.release, res)
@@ -383,17 +377,10 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
         try:
             dest = m.finetune_upload_path(res)
             m.begin_upload(res, JobOptions(), options.base_model or m.settings.model_default, options)
-            if multipart:
-                up = await receive_multipart(request.stream(), request.headers["content-type"], dest, limit,
-                                             file_fields=("data", "file", "zip"))
-                if up.file_path is None:
-                    raise UploadError("no zip in the form: send it as the file field 'data'", 400, "bad_upload")
-                fields = {k: v for k, v in up.fields.items() if k != "filename"}
-                options = FinetuneOptions(**{**query, **fields})
-                name_, nbytes = up.filename or up.fields.get("filename") or filename, up.file_bytes
-            else:
-                nbytes = await receive_raw(request.stream(), dest, limit)
-                name_ = filename
+            fields, name_, nbytes = await _receive_body(
+                request, dest, limit, multipart, filename=filename, file_fields=("data", "file", "zip"),
+                missing="no zip in the form: send it as the file field 'data'")
+            options = FinetuneOptions(**{**query, **fields})
             rec = await run_in_threadpool(m.submit_finetune, res, options, dest, name_, nbytes)
         except BaseException:
             await run_in_threadpool(m.release, res)
@@ -418,6 +405,20 @@ def finetune_unavailable_reason() -> str | None:
     from posezoo.jobs.finetune import unavailable_reason
 
     return unavailable_reason()
+
+
+async def _receive_body(request: Request, dest, limit: int, multipart: bool, *, filename: str,
+                        file_fields: tuple[str, ...], missing: str) -> tuple[dict, str, int]:
+    """Stream an upload (the raw body, or the file field of a form) to ``dest``; returns the
+    form's other fields, the file's name and its size."""
+    if not multipart:
+        return {}, filename, await receive_raw(request.stream(), dest, limit)
+    up = await receive_multipart(request.stream(), request.headers["content-type"], dest, limit,
+                                 file_fields=file_fields)
+    if up.file_path is None:
+        raise UploadError(missing, 400, "bad_upload")
+    fields = {k: v for k, v in up.fields.items() if k != "filename"}
+    return fields, up.filename or up.fields.get("filename") or filename, up.file_bytes
 
 
 async def _read_small(request: Request, limit: int) -> bytes:
