@@ -311,11 +311,27 @@ _CITATION = ("Ye, S., Filippova, A., Lauer, J., Schneider, S., Vidal, M., Qiu, T
              "(2024). https://doi.org/10.1038/s41467-024-48792-2")
 
 
+def _provenance(dataset: str, model: str, base, *, filename, locations, sha256, n_bytes, revision, notes) -> dict:
+    """The card fields every converted model shares: artefact, upstream checkpoint, licence,
+    citation and pcutoff (kept from the catalog's card ``base`` when there is one)."""
+    from posezoo.cards import Artefact, Upstream
+
+    return dict(
+        artefact=Artefact(locations=list(locations if locations is not None else ["hf://posezoo/zoo"]),
+                          revision=revision, filename=filename or onnx_filename(dataset, model),
+                          sha256=sha256, bytes=n_bytes),
+        upstream=Upstream(kind="huggingface", repo_id=UPSTREAM_REPOS[dataset],
+                          filename=checkpoint_filename(dataset, model), notes=notes),
+        licence=base.licence if base else _LICENCE, citation=base.citation if base else _CITATION,
+        pcutoff=base.pcutoff if base else 0.4,
+    )
+
+
 def pose_card(dataset: str, pose_model: str, detector: str, *, filename: str | None = None,
               locations: list[str] | None = None, sha256: str | None = None, n_bytes: int | None = None,
               revision: str | None = None, kp: list[str] | None = None, notes: str | None = None):
     """The posezoo card of a converted SuperAnimal pose network."""
-    from posezoo.cards import Artefact, InputSpec, ModelCard, OutputSpec, TopDownSpec, Upstream
+    from posezoo.cards import InputSpec, ModelCard, OutputSpec, TopDownSpec
 
     name = card_name(dataset, pose_model)
     base = _base_card(name)
@@ -337,13 +353,8 @@ def pose_card(dataset: str, pose_model: str, detector: str, *, filename: str | N
                            nominal_stride=True),
         decoder="heatmap_argmax_locref",
         top_down=TopDownSpec(margin=0, with_context=True),
-        artefact=Artefact(locations=list(locations if locations is not None else ["hf://posezoo/zoo"]),
-                          revision=revision, filename=filename or onnx_filename(dataset, pose_model),
-                          sha256=sha256, bytes=n_bytes),
-        upstream=Upstream(kind="huggingface", repo_id=UPSTREAM_REPOS[dataset],
-                          filename=checkpoint_filename(dataset, pose_model), notes=notes),
-        licence=base.licence if base else _LICENCE, citation=base.citation if base else _CITATION,
-        pcutoff=base.pcutoff if base else 0.4,
+        **_provenance(dataset, pose_model, base, filename=filename, locations=locations, sha256=sha256,
+                      n_bytes=n_bytes, revision=revision, notes=notes),
     )
 
 
@@ -351,7 +362,7 @@ def detector_card(dataset: str, detector: str, *, filename: str | None = None, l
                   sha256: str | None = None, n_bytes: int | None = None, revision: str | None = None,
                   notes: str | None = None):
     """The posezoo card of a converted SuperAnimal detector."""
-    from posezoo.cards import Artefact, DetectorSpec, InputSpec, ModelCard, OutputSpec, Upstream
+    from posezoo.cards import DetectorSpec, InputSpec, ModelCard, OutputSpec
 
     name = card_name(dataset, detector)
     base = _base_card(name)
@@ -367,13 +378,8 @@ def detector_card(dataset: str, detector: str, *, filename: str | None = None, l
         detection=DetectorSpec(boxes="boxes", scores="scores", labels="labels", batch=1, score_threshold=0.6,
                                graph_min_size=800, graph_max_size=1333, graph_mean=IMAGENET_MEAN,
                                graph_std=IMAGENET_STD, architecture=f"torchvision {detector}, 2 classes"),
-        artefact=Artefact(locations=list(locations if locations is not None else ["hf://posezoo/zoo"]),
-                          revision=revision, filename=filename or onnx_filename(dataset, detector),
-                          sha256=sha256, bytes=n_bytes),
-        upstream=Upstream(kind="huggingface", repo_id=UPSTREAM_REPOS[dataset],
-                          filename=checkpoint_filename(dataset, detector), notes=notes),
-        licence=base.licence if base else _LICENCE, citation=base.citation if base else _CITATION,
-        pcutoff=base.pcutoff if base else 0.4,
+        **_provenance(dataset, detector, base, filename=filename, locations=locations, sha256=sha256,
+                      n_bytes=n_bytes, revision=revision, notes=notes),
     )
 
 
