@@ -144,8 +144,15 @@ def test_train_export_register_load_predict(trained):
     # the ONNX graph has a dynamic batch axis
     import onnx
 
-    dims = onnx.load(str(onnx_path)).graph.input[0].type.tensor_type.shape.dim
+    graph = onnx.load(str(onnx_path)).graph
+    dims = graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 240, 320]
+    # "SAME" padding lives in the convolutions: a Pad node costs ONNX Runtime a copy and
+    # two layout conversions; the stride-2 convolutions carry TensorFlow's asymmetric pads
+    ops = [n.op_type for n in graph.node]
+    assert "Pad" not in ops and ops.count("Conv") == 40
+    pads = [list(a.ints) for n in graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "pads"]
+    assert [0, 0, 1, 1] in pads and [1, 1, 2, 2] in pads
 
 
 def test_fine_tune_from_a_zoo_model(trained, tmp_path):

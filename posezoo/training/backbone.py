@@ -65,12 +65,22 @@ def same_pad(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
 
 
 class SameConv2d(nn.Conv2d):
-    """``nn.Conv2d`` with TensorFlow "SAME" padding computed from the input size."""
+    """``nn.Conv2d`` with TensorFlow "SAME" padding computed from the input size.
+
+    With stride 1 and an odd kernel "SAME" is symmetric, so the convolution pads
+    itself (no separate padding op: cheaper in training and in the exported graph);
+    stride 2 needs TensorFlow's asymmetric padding, applied with :func:`same_pad`.
+    """
 
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1, bias: bool = False):
-        super().__init__(c_in, c_out, kernel, stride=stride, padding=0, groups=groups, bias=bias)
+        symmetric = stride == 1 and kernel % 2 == 1
+        super().__init__(c_in, c_out, kernel, stride=stride, padding=(kernel - 1) // 2 if symmetric else 0,
+                         groups=groups, bias=bias)
+        self.pads_itself = symmetric
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pads_itself:
+            return super().forward(x)
         return super().forward(same_pad(x, self.kernel_size[0], self.stride[0]))
 
 

@@ -51,13 +51,73 @@ def export_onnx(model: PoseNet, path: str | Path, input_hw: tuple[int, int]) -> 
                           opset_version=OPSET, dynamic_axes=axes, dynamo=False, do_constant_folding=True)
     import onnx
 
-    proto = onnx.load_from_string(buf.getvalue())
+    proto = simplify(onnx.load_from_string(buf.getvalue()))
     proto.producer_name, proto.producer_version = "posezoo", "train"
     onnx.checker.check_model(proto)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(proto.SerializeToString(deterministic=True))
     tmp.replace(path)
     return path
+
+
+def simplify(proto: "onnx.ModelProto") -> "onnx.ModelProto":
+    """Constant-fold the graph and fold zero ``Pad`` nodes into the ``Conv`` after them.
+
+    TensorFlow "SAME" padding of the stride-2 convolutions exports as ``Pad`` nodes
+    whose pads are computed by a chain of shape ops. ONNX Runtime then runs each
+    ``Pad`` as a separate copy and converts the tensor out of and back into its
+    blocked conv layout around it: measured here, 48 % of the CPU inference time.
+    ``Conv`` takes asymmetric ``pads`` itself, so the padding moves there.
+
+    The constants are folded by ONNX Runtime's basic (hardware-independent)
+    optimisation level, whose output is standard ONNX; the result is then checked
+    against PyTorch by :func:`parity`.
+    """
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "basic.onnx"
+        src.write_bytes(proto.SerializeToString())
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.optimized_model_filepath = str(dst)
+        opts.log_severity_level = 3
+        ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+        folded = onnx.load(str(dst))
+    graph = folded.graph
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    for pad in [n for n in graph.node if n.op_type == "Pad"]:
+        mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+        value = pad.input[2] if len(pad.input) > 2 else ""
+        users = consumers.get(pad.output[0], [])
+        if (mode != b"constant" or pad.input[1] not in consts or (value and (value not in consts or consts[value].any()))
+                or len(users) != 1 or users[0].op_type != "Conv"):
+            continue
+        pads = consts[pad.input[1]].tolist()  # [n0, c0, h0, w0, n1, c1, h1, w1]
+        conv = users[0]
+        attrs = {a.name: a for a in conv.attribute}
+        if len(pads) != 8 or any(pads[i] for i in (0, 1, 4, 5)) or min(pads) < 0 or (
+                "auto_pad" in attrs and attrs["auto_pad"].s not in (b"", b"NOTSET")):
+            continue
+        old = list(attrs["pads"].ints) if "pads" in attrs else [0, 0, 0, 0]
+        if "pads" in attrs:
+            conv.attribute.remove(attrs["pads"])
+        conv.attribute.append(helper.make_attribute(
+            "pads", [old[0] + pads[2], old[1] + pads[3], old[2] + pads[6], old[3] + pads[7]]))
+        conv.input[0] = pad.input[0]
+        graph.node.remove(pad)
+    used = {name for node in graph.node for name in node.input}
+    for init in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(init)
+    return folded
 
 
 def parity(model: PoseNet, onnx_path: str | Path, inputs: np.ndarray, *, threads: int | None = None) -> dict:
