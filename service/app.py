@@ -203,8 +203,7 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
             except BaseException:
                 m.release(res)
                 raise
-            return JSONResponse(JobView.of(rec, PREFIX).model_dump(mode="json"), status_code=202,
-                                headers={"Location": f"{PREFIX}/jobs/{rec.id}"})
+            return _accepted(rec)
 
         if ctype == "application/x-www-form-urlencoded":
             raise UploadError("send the video as multipart/form-data (file field 'video') or as the raw body",
@@ -227,8 +226,7 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
         except BaseException:
             await run_in_threadpool(m.release, res)
             raise
-        return JSONResponse(JobView.of(rec, PREFIX).model_dump(mode="json"), status_code=202,
-                            headers={"Location": f"{PREFIX}/jobs/{rec.id}"})
+        return _accepted(rec)
 
     @app.get("/jobs", response_model=list[JobView], tags=["jobs"], summary="List this key's jobs", responses=ERRORS)
     async def list_jobs(who: str = Depends(owner), limit: int = Query(100, ge=1, le=1000)):
@@ -385,8 +383,7 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
         except BaseException:
             await run_in_threadpool(m.release, res)
             raise
-        return JSONResponse(JobView.of(rec, PREFIX).model_dump(mode="json"), status_code=202,
-                            headers={"Location": f"{PREFIX}/jobs/{rec.id}"})
+        return _accepted(rec)
 
     @app.get("/server", tags=["models"], summary="Server limits and load")
     async def server(who: str = Depends(owner)):
@@ -398,6 +395,12 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
                 "max_finetune_bytes": s.max_finetune_bytes, "max_finetune_steps": s.max_finetune_steps}
 
     return app
+
+
+def _accepted(rec) -> JSONResponse:
+    """202 Accepted for a new job: its view, and its URL in ``Location``."""
+    return JSONResponse(JobView.of(rec, PREFIX).model_dump(mode="json"), status_code=202,
+                        headers={"Location": f"{PREFIX}/jobs/{rec.id}"})
 
 
 def finetune_unavailable_reason() -> str | None:
