@@ -15,6 +15,29 @@ def _fill_gaps(xy: np.ndarray) -> np.ndarray:
     return filled.reshape(xy.shape)
 
 
+FILTERS = ("median", "savgol")
+
+
+def check_filter(method: str, window: int, polyorder: int = 2) -> None:
+    """Refuse filter settings :func:`filter_poses` cannot apply, before any work is done
+    (the service checks a job's options with it before accepting the job).
+
+    Raises
+    ------
+    InputError
+        Unknown method, a window that is not a positive odd number, or a Savitzky-Golay
+        ``polyorder`` not smaller than the window.
+    """
+    if method not in FILTERS:
+        raise InputError(f"unknown filter {method!r}: use median or savgol")
+    if window < 1 or window % 2 == 0:
+        raise InputError(f"filter window must be a positive odd number of frames, got {window}")
+    if method == "savgol" and window > 1 and polyorder >= window:
+        smallest = polyorder + 1 if polyorder % 2 == 0 else polyorder + 2  # odd and > polyorder
+        raise InputError(f"savgol polyorder ({polyorder}) must be smaller than the filter window ({window}): "
+                         f"use a window of at least {smallest}")
+
+
 def filter_poses(data: np.ndarray, method: str = "median", window: int = 5, polyorder: int = 2) -> np.ndarray:
     """Smooth ``x, y`` over time; likelihoods and missing points are kept.
 
@@ -33,18 +56,17 @@ def filter_poses(data: np.ndarray, method: str = "median", window: int = 5, poly
     -------
     ndarray, same shape as ``data``
     """
-    if window < 1 or window % 2 == 0:
-        raise InputError(f"filter window must be a positive odd number of frames, got {window}")
+    check_filter(method, window, polyorder)
     data = np.asarray(data, dtype=np.float32)
     n = data.shape[0]
-    if n < 2 or window == 1:
-        return data.copy()
+    w = min(window, n if n % 2 else n - 1)  # a video shorter than the window: the longest odd window
+    if n < 2 or w <= 1 or (method == "savgol" and polyorder >= w):
+        return data.copy()  # too few frames to smooth
     xy = data[..., :2]
     missing = np.isnan(xy)
     filled = _fill_gaps(xy)
     series = np.isfinite(filled).all(axis=0)  # a series with no point at all stays NaN
     filled = np.where(series[None], filled, 0.0)
-    w = min(window, n if n % 2 else n - 1)
     if method == "median":
         from scipy.ndimage import median_filter
 
@@ -52,11 +74,7 @@ def filter_poses(data: np.ndarray, method: str = "median", window: int = 5, poly
     elif method == "savgol":
         from scipy import signal  # imported when used: scipy.signal costs ~1 s at start-up
 
-        if polyorder >= w:
-            raise InputError(f"savgol polyorder ({polyorder}) must be smaller than the window ({w})")
         smooth = signal.savgol_filter(filled, w, polyorder, axis=0, mode="interp" if n >= w else "nearest")
-    else:
-        raise InputError(f"unknown filter {method!r}: use median or savgol")
     out = data.copy()
     out[..., :2] = np.where(missing, np.nan, smooth)
     return out

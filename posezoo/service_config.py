@@ -87,11 +87,25 @@ class ServiceSettings(BaseSettings):
     resume_interrupted: bool = Field(True, description="after a restart, re-run interrupted jobs (else mark them failed)")
     max_attempts: int = Field(2, ge=1, description="runs a job gets (a restart mid-job costs one)")
     max_frames: int | None = Field(None, ge=1, description="refuse videos longer than this many frames")
+    max_active_per_key: int | None = Field(
+        None, ge=1, description="jobs one API key may have uploading, queued or running at once "
+                                "(default: half of workers + queue_size, at least 1)")
 
     # -- requests ---------------------------------------------------------------------------
     max_upload_bytes: int = Field(4 << 30, ge=1, description="largest video upload (413 above)")
     max_image_bytes: int = Field(20 << 20, ge=1, description="largest image for /v1/predict/image")
     max_finetune_bytes: int = Field(2 << 30, ge=1, description="largest labelled-data zip for fine-tuning")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="largest image (width x height) for "
+                                                                "/v1/predict/image, read from its header (413)")
+    max_video_pixels: int = Field(4096 * 4096, ge=1, description="largest video frame (width x height), read "
+                                                                 "from the header before any decoding (413)")
+    image_concurrency: int = Field(2, ge=1, le=64, description="image predictions decoded and run at once")
+    image_wait_s: float = Field(10.0, ge=0, description="how long an image request waits for a slot (then 429)")
+    upload_idle_timeout_s: float = Field(60.0, gt=0, description="an upload that sends nothing for this long "
+                                                                 "is cut off (408) and its slot freed")
+    upload_min_rate: int = Field(16 << 10, ge=0, description="slowest average upload rate in bytes/s accepted "
+                                                             "once upload_rate_grace_s has passed (408 below)")
+    upload_rate_grace_s: float = Field(30.0, ge=0, description="seconds before upload_min_rate is enforced")
 
     # -- fine-tune jobs ---------------------------------------------------------------------
     finetune_enabled: bool = Field(True, description="accept fine-tune jobs (they also need PyTorch on the server)")
@@ -146,6 +160,14 @@ class ServiceSettings(BaseSettings):
         return self.default_model or DEFAULT_MODEL
 
     @property
+    def key_share(self) -> int:
+        """Most jobs (uploading, queued or running) one API key may hold: a slow or greedy
+        client must not take every slot of the queue."""
+        if self.max_active_per_key:
+            return self.max_active_per_key
+        return max(1, -(-(self.workers + self.queue_size) // 2))
+
+    @property
     def ort_threads(self) -> int:
         if self.threads:
             return self.threads
@@ -162,9 +184,26 @@ def load_settings(**overrides) -> ServiceSettings:
     """Settings from the environment and ``POSEZOO_SERVICE_CONFIG``; errors are one line."""
     from pydantic import ValidationError
 
+    _refuse_unknown_environment()
     try:
         return ServiceSettings(**overrides)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "settings"
         raise PosezooError(f"invalid service setting {loc} ({ENV_PREFIX}{loc.upper()}): {first['msg']}") from exc
+
+
+def _refuse_unknown_environment() -> None:
+    """A ``POSEZOO_SERVICE_*`` variable that names no setting is an error, not ignored: a typo
+    in ``INPUT_BUCKETS`` would otherwise leave every bucket open."""
+    import difflib
+
+    known = {ENV_PREFIX + name.upper() for name in ServiceSettings.model_fields} | {CONFIG_ENV}
+    unknown = sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k.upper(), sorted(known), n=1)
+            hints.append(f"{k} (did you mean {close[0]}?)" if close else k)
+        raise PosezooError(f"unknown service setting(s) in the environment: {', '.join(hints)}; "
+                           "the README's Settings table lists them")

@@ -36,7 +36,9 @@ from posezoo.jobs import (
     QueueFullError,
     UploadError,
     check_declared_length,
+    check_filename,
     error_code,
+    paced,
     receive_multipart,
     receive_raw,
 )
@@ -99,6 +101,7 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
         openapi_tags=[{"name": "jobs"}, {"name": "models"}, {"name": "predict"}],
     )
     bearer = HTTPBearer(auto_error=False, description="An API key configured on the server")
+    app.router.dependencies.append(Depends(_no_unknown_query))
 
     def manager() -> JobManager:
         m = get_manager()
@@ -181,13 +184,14 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
         """Upload a video (multipart or raw body) or name one (`s3://…` in a JSON body). Answers 202 with
         the job at once; follow it with `GET /v1/jobs/{id}` or `GET /v1/jobs/{id}/events`."""
         m = manager()
+        filename = check_filename(filename)
         query = {k: v for k, v in dict(model=model, formats=formats, labeled_video=labeled_video,
                                        batch_size=batch_size, filter=filter, filter_window=filter_window,
                                        pcutoff=pcutoff, trail=trail, allow_truncated=allow_truncated).items()
                  if v is not None}
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "application/json":
-            body = await _read_small(request, 64 << 10)
+            body = await _read_small(request, 64 << 10, m)
             try:
                 doc = json.loads(body or b"{}")
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -219,7 +223,7 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
             dest = m.upload_path(res, filename)
             m.begin_upload(res, options, options.model or m.settings.model_default)
             fields, name, nbytes = await _receive_body(
-                request, dest, limit, multipart, filename=filename, file_fields=("video", "file"),
+                request, m, dest, limit, multipart, filename=filename, file_fields=("video", "file"),
                 missing="no video in the form: send it as the file field 'video'")
             options = JobOptions(**{**query, **fields})
             rec = await run_in_threadpool(m.submit_upload, res, options, dest, name, nbytes)
@@ -319,18 +323,23 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
         m = manager()
         limit = m.settings.max_image_bytes
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype == "multipart/form-data":
-            check_declared_length(request.headers, limit + MULTIPART_SLACK)
-            form = await request.form(max_files=1, max_fields=8)
-            upload = form.get("image") or form.get("file")
-            if upload is None or isinstance(upload, str):
-                raise UploadError("no image in the form: send it as the file field 'image'", 400, "bad_upload")
-            data = await upload.read(limit + 1)
-            if len(data) > limit:
-                raise UploadError(f"image is over the limit of {limit} bytes", 413, "too_large")
-        else:
-            data = await _read_small(request, limit)
-        return await run_in_threadpool(m.predict_image, data, model, who)
+        check_declared_length(request.headers, limit + (MULTIPART_SLACK if ctype == "multipart/form-data" else 0))
+        slot = m.image_slot()
+        await run_in_threadpool(slot.__enter__)  # bounded: bodies and decoded images of many requests add up
+        try:
+            if ctype == "multipart/form-data":
+                form = await request.form(max_files=1, max_fields=8)
+                upload = form.get("image") or form.get("file")
+                if upload is None or isinstance(upload, str):
+                    raise UploadError("no image in the form: send it as the file field 'image'", 400, "bad_upload")
+                data = await upload.read(limit + 1)
+                if len(data) > limit:
+                    raise UploadError(f"image is over the limit of {limit} bytes", 413, "too_large")
+            else:
+                data = await _read_small(request, limit, m)
+            return await run_in_threadpool(m.predict_image, data, model, who)
+        finally:
+            slot.__exit__(None, None, None)
 
     @app.post("/finetune", status_code=202, response_model=JobView, tags=["jobs"],
               summary="Fine-tune a model on DeepLabCut labelled data", openapi_extra={"requestBody": FINETUNE_BODY},
@@ -357,6 +366,7 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
         then the job trains, evaluates on the held-out frames and registers `name@version`, visible to this
         API key only. Follow it like any job; `metrics` and `output_model` appear when it succeeds."""
         m = manager()
+        filename = check_filename(filename)
         reason = m.finetune_unavailable()
         if reason:
             return error(503, "finetune_unavailable", reason)
@@ -376,7 +386,7 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
             dest = m.finetune_upload_path(res)
             m.begin_upload(res, JobOptions(), options.base_model or m.settings.model_default, options)
             fields, name_, nbytes = await _receive_body(
-                request, dest, limit, multipart, filename=filename, file_fields=("data", "file", "zip"),
+                request, m, dest, limit, multipart, filename=filename, file_fields=("data", "file", "zip"),
                 missing="no zip in the form: send it as the file field 'data'")
             options = FinetuneOptions(**{**query, **fields})
             rec = await run_in_threadpool(m.submit_finetune, res, options, dest, name_, nbytes)
@@ -394,7 +404,81 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
                 "https_sources": s.allow_https_sources, "finetune": m.finetune_unavailable() or "available",
                 "max_finetune_bytes": s.max_finetune_bytes, "max_finetune_steps": s.max_finetune_steps}
 
+    @app.api_route("/{path:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+                   include_in_schema=False)
+    async def _no_such_endpoint(request: Request, path: str):
+        # BentoML answers paths no route matches in plain text; the API answers in JSON.
+        from starlette.routing import Match
+
+        allowed = sorted({m for r in app.routes if r.name != "_no_such_endpoint"
+                          and r.matches(request.scope)[0] == Match.PARTIAL for m in getattr(r, "methods", ())})
+        if allowed:
+            return error(405, "method_not_allowed", f"{request.method} is not allowed here; use {', '.join(allowed)}",
+                         {"Allow": ", ".join(allowed)})
+        return error(404, "not_found", f"no endpoint /v1/{path[:100]} (see /v1/docs)")
+
     return app
+
+
+_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 408: "timeout", 413: "too_large", 415: "unsupported_media_type",
+                 422: "bad_request", 429: "busy", 500: "internal_error", 503: "unavailable"}
+
+
+class JsonErrors:
+    """ASGI middleware: error answers that BentoML or Starlette write as plain text (an
+    unknown path outside ``/v1``, a wrong method on ``/readyz``, ...) become the API's
+    ``{"error": code, "detail": message}``."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        held: dict = {}
+
+        async def wrapped(message):
+            if message["type"] == "http.response.start":
+                headers = {k.lower(): v for k, v in message.get("headers", [])}
+                ctype = headers.get(b"content-type", b"")
+                if message["status"] >= 400 and (not ctype or ctype.startswith(b"text/plain")):
+                    held.update(start=message, body=b"")
+                    return
+            elif message["type"] == "http.response.body" and held:
+                held["body"] += message.get("body", b"")
+                if message.get("more_body"):
+                    return
+                status = held["start"]["status"]
+                text = held["body"].decode("utf-8", "replace").strip()[:300] or f"HTTP {status}"
+                body = json.dumps({"error": _STATUS_CODES.get(status, "http_error"), "detail": text}).encode()
+                keep = [(k, v) for k, v in held["start"].get("headers", [])
+                        if k.lower() not in (b"content-type", b"content-length")]
+                await send({**held["start"], "headers": [*keep, (b"content-type", b"application/json"),
+                                                          (b"content-length", str(len(body)).encode())]})
+                return await send({"type": "http.response.body", "body": body})
+            await send(message)
+
+        return await self.app(scope, receive, wrapped)
+
+
+def _no_unknown_query(request: Request) -> None:
+    """Refuse query parameters the endpoint does not take, as unknown form fields and JSON
+    keys are refused: a typo (``fromats=``) must not silently fall back to a default."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known: set[str] = set()
+    pending = [dependant]
+    while pending:  # the route's own query parameters and those of its dependencies
+        d = pending.pop()
+        known.update(q.alias for q in d.query_params)
+        pending.extend(d.dependencies)
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise UploadError(f"unknown option(s) {unknown[:5]} in the query string; this endpoint takes "
+                          f"{sorted(known) or 'none'}", 422, "bad_options")
 
 
 def _accepted(rec) -> JSONResponse:
@@ -410,24 +494,32 @@ def finetune_unavailable_reason() -> str | None:
     return unavailable_reason()
 
 
-async def _receive_body(request: Request, dest, limit: int, multipart: bool, *, filename: str,
+def _body(request: Request, m: JobManager):
+    """The request body's chunks, cut off (408) when the client stalls or trickles."""
+    s = m.settings
+    return paced(request.stream(), idle_timeout_s=s.upload_idle_timeout_s, min_rate=s.upload_min_rate,
+                 grace_s=s.upload_rate_grace_s)
+
+
+async def _receive_body(request: Request, m: JobManager, dest, limit: int, multipart: bool, *, filename: str,
                         file_fields: tuple[str, ...], missing: str) -> tuple[dict, str, int]:
     """Stream an upload (the raw body, or the file field of a form) to ``dest``; returns the
-    form's other fields, the file's name and its size."""
+    form's other fields, the file's (checked) name and its size."""
     if not multipart:
-        return {}, filename, await receive_raw(request.stream(), dest, limit)
-    up = await receive_multipart(request.stream(), request.headers["content-type"], dest, limit,
+        return {}, filename, await receive_raw(_body(request, m), dest, limit)
+    up = await receive_multipart(_body(request, m), request.headers["content-type"], dest, limit,
                                  file_fields=file_fields)
     if up.file_path is None:
         raise UploadError(missing, 400, "bad_upload")
     fields = {k: v for k, v in up.fields.items() if k != "filename"}
-    return fields, up.filename or up.fields.get("filename") or filename, up.file_bytes
+    name = check_filename(up.filename) or check_filename(up.fields.get("filename")) or filename
+    return fields, name, up.file_bytes
 
 
-async def _read_small(request: Request, limit: int) -> bytes:
+async def _read_small(request: Request, limit: int, m: JobManager | None = None) -> bytes:
     check_declared_length(request.headers, limit)
     buf = bytearray()
-    async for chunk in request.stream():
+    async for chunk in (_body(request, m) if m is not None else request.stream()):
         buf += chunk
         if len(buf) > limit:
             raise UploadError(f"request body is over the limit of {limit} bytes", 413, "too_large")

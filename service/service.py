@@ -10,22 +10,61 @@ file inputs would hold a whole upload in memory). BentoML adds the process manag
 
 Jobs are *not* BentoML tasks: ``@bentoml.task`` keeps its records in a SQLite file that is
 deleted at every start. posezoo's :class:`~posezoo.jobs.JobManager` keeps them durably.
+
+This module is imported twice: by ``bentoml serve`` itself (to read the service
+definition) and by its worker. Settings are checked at import, so a bad setting, or a
+data directory another server holds, stops ``bentoml serve`` with a clear message and
+a non-zero status before any worker starts.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 
 import bentoml
 
+from posezoo.errors import PosezooError
 from posezoo.jobs import JobManager
+from posezoo.jobs.manager import DataDirInUseError, check_data_dir_free
 from posezoo.service_config import load_settings
-from service.app import create_app
+from service.app import JsonErrors, create_app
+from service.process import install_log_escaping, watch_parent
+
+install_log_escaping()
+logging.getLogger("posezoo").setLevel(logging.INFO)
+
+
+
+def _in_worker() -> bool:
+    """True in BentoML's worker process (it sets the worker index before importing us)."""
+    from bentoml._internal.context import server_context
+
+    return server_context.worker_index is not None
+
+
+def _stop_server() -> None:
+    """A worker that cannot start must not be respawned for ever: stop ``bentoml serve``."""
+    logging.getLogger("posezoo.service").error("posezoo cannot start; stopping the server")
+    os.kill(os.getppid(), signal.SIGTERM)
+
+
+def _check_startup() -> None:
+    try:
+        settings = load_settings()  # unknown or invalid settings
+        check_data_dir_free(settings.data_dir)  # another server on the same data directory
+    except PosezooError as exc:
+        if _in_worker():  # two servers started at once both passed the check in their own process
+            _stop_server()
+            raise
+        raise SystemExit(f"posezoo: error: {exc}") from None
+
+
+_check_startup()
 
 _state: dict[str, JobManager] = {}
 app = create_app(lambda: _state.get("manager"))
-
-logging.getLogger("posezoo").setLevel(logging.INFO)
 
 
 @bentoml.service(
@@ -42,8 +81,13 @@ class PoseZoo:
     """Animal pose estimation jobs (see /v1/docs)."""
 
     def __init__(self) -> None:
-        self.manager = JobManager(load_settings()).start()
+        try:
+            self.manager = JobManager(load_settings()).start()
+        except DataDirInUseError:  # lost a race with a server started at the same moment
+            _stop_server()
+            raise
         _state["manager"] = self.manager
+        watch_parent(lambda: self.manager.stop(timeout=5))
 
     def __is_ready__(self) -> bool:
         return self.manager.ready
@@ -58,3 +102,6 @@ class PoseZoo:
     def shutdown(self) -> None:
         _state.pop("manager", None)
         self.manager.stop()
+
+
+PoseZoo.add_asgi_middleware(JsonErrors)

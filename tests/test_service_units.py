@@ -162,3 +162,107 @@ def test_validate_video(mouse_video, tmp_path):
     text.write_text("not a video\n" * 100)
     with pytest.raises(VideoError):
         validate_video(text)
+
+
+def test_validate_video_limits_and_allow_truncated(mouse_video, tmp_path):
+    path, truth = mouse_video  # 320x240
+    with pytest.raises(SourceError, match="MAX_VIDEO_PIXELS") as exc:
+        validate_video(path, max_pixels=320 * 240 - 1)
+    assert exc.value.status == 413
+    assert validate_video(path, max_pixels=320 * 240)["truncated"] is None
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    assert "truncated" in validate_video(cut, allow_truncated=True)["truncated"]
+
+
+def test_unknown_settings_in_the_environment_are_refused(monkeypatch):
+    monkeypatch.setenv("POSEZOO_SERVICE_INPUT_BUCKET", '["videos"]')
+    with pytest.raises(PosezooError, match="did you mean POSEZOO_SERVICE_INPUT_BUCKETS"):
+        load_settings()
+    monkeypatch.delenv("POSEZOO_SERVICE_INPUT_BUCKET")
+    monkeypatch.setenv("POSEZOO_SERVICE_INPUT_BUCKETS", '["videos"]')
+    assert load_settings().input_buckets == ["videos"]
+    assert load_settings(workers=1, queue_size=4).key_share == 3
+    assert load_settings(workers=1, queue_size=0).key_share == 1
+
+
+def test_filter_options_are_checked_as_the_filter_applies_them():
+    import numpy as np
+
+    from posezoo.filtering import filter_poses
+
+    for kw in ({"filter": "savgol", "filter_window": 4}, {"filter": "median", "filter_window": 2}):
+        with pytest.raises(ValueError, match="odd"):
+            JobOptions(**kw)
+    JobOptions(filter="savgol", filter_window=3)
+    data = np.random.default_rng(0).random((2, 1, 4, 3)).astype(np.float32)  # shorter than the window
+    assert np.array_equal(filter_poses(data, "savgol", 5), data)
+
+
+@pytest.mark.parametrize("uri, canonical", [
+    ("s3://b/k.mp4", "s3://b/k.mp4"), ("S3://B//x//k.mp4", "s3://b/x/k.mp4"), ("s3://b/x/", "s3://b/x"),
+    ("https://example.org/v.mp4?sig=1", "https://example.org/v.mp4?sig=1"),
+])
+def test_source_uris_are_normalised_before_checks(uri, canonical):
+    from posezoo.jobs.storage import normalise_source_uri
+
+    assert normalise_source_uri(uri) == canonical
+
+
+@pytest.mark.parametrize("uri", ["s3://b/../k", "s3://b/./k", "s3:///k", "s3://b/k\nx", "s3://b/k?x=1"])
+def test_bad_source_uris_are_refused(uri):
+    from posezoo.jobs.storage import normalise_source_uri
+
+    with pytest.raises(SourceError):
+        normalise_source_uri(uri)
+
+
+def test_results_store_recognises_its_own_keys(tmp_path):
+    from posezoo.jobs import ResultStore
+
+    store = ResultStore(tmp_path, "s3://res/out", s3=object())
+    assert store.holds("s3://res/out/j/x.mp4") and store.holds("s3://res/out")
+    assert not store.holds("s3://res/outside/x.mp4") and not store.holds("s3://other/out/x")
+
+
+def test_file_names_are_checked():
+    from posezoo.jobs import check_filename
+
+    assert check_filename("dir/sub\\video.mp4") == "video.mp4" and check_filename("..") is None
+    for bad in ("a\x00b.mp4", "a\nb.mp4", "x" * 201):
+        with pytest.raises(UploadError) as exc:
+            check_filename(bad)
+        assert exc.value.status == 422 and exc.value.code == "bad_filename"
+
+
+def test_uploads_that_stall_or_trickle_are_cut_off():
+    from posezoo.jobs import paced
+
+    async def trickle(pause: float, n: int):
+        for _ in range(n):
+            await asyncio.sleep(pause)
+            yield b"x"
+
+    async def drain(gen):
+        return [c async for c in gen]
+
+    assert len(asyncio.run(drain(paced(trickle(0.01, 5), idle_timeout_s=1)))) == 5
+    with pytest.raises(UploadError, match="stalled") as exc:
+        asyncio.run(drain(paced(trickle(0.5, 2), idle_timeout_s=0.2)))
+    assert exc.value.status == 408
+    with pytest.raises(UploadError, match="too slow"):
+        asyncio.run(drain(paced(trickle(0.05, 20), idle_timeout_s=1, min_rate=1000, grace_s=0.2)))
+
+
+def test_pixel_budget_lets_one_oversized_request_through_alone():
+    import threading
+
+    from posezoo.jobs.manager import _Budget
+
+    b = _Budget(100)
+    assert b.acquire(60, timeout=0) and not b.acquire(60, timeout=0.05)
+    released = threading.Timer(0.1, b.release, (60,))
+    released.start()
+    assert b.acquire(500, timeout=2)  # waits for the first, then takes the whole budget
+    b.release(500)
+    assert b.used == 0

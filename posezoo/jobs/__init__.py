@@ -20,11 +20,11 @@ from .models import (
 )
 from .storage import ResultStore, SourceError, Sources, check_public_host, redact_url
 from .store import JobStore
-from .uploads import UploadError, check_declared_length, receive_multipart, receive_raw
+from .uploads import UploadError, check_declared_length, check_filename, paced, receive_multipart, receive_raw
 
 __all__ = [
     "ANONYMOUS", "ApiKeys", "AuthError", "ErrorBody", "FinetuneOptions", "JobManager", "JobNotFoundError",
     "JobOptions", "JobRecord", "JobRequest", "JobStore", "JobView", "Progress", "QueueFullError", "RESULT_KINDS", "Reservation", "ResultFile",
-    "ResultStore", "SourceError", "Sources", "TERMINAL", "UploadError", "check_declared_length", "check_public_host",
-    "error_code", "receive_multipart", "receive_raw", "redact_url", "validate_video",
+    "ResultStore", "SourceError", "Sources", "TERMINAL", "UploadError", "check_declared_length", "check_filename", "check_public_host",
+    "error_code", "paced", "receive_multipart", "receive_raw", "redact_url", "validate_video",
 ]

@@ -16,7 +16,10 @@ Layout of ``settings.data_dir``::
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
+import os
 import queue
 import re
 import shutil
@@ -38,12 +41,16 @@ from ..errors import (
 )
 from ..service_config import ServiceSettings
 from .models import FinetuneOptions, JobOptions, JobRecord, Progress, ResultFile
-from .storage import ResultStore, SourceError, Sources, s3_client, split_s3_uri
+from .storage import ResultStore, SourceError, Sources, normalise_source_uri, s3_client, split_s3_uri
 
 log = logging.getLogger("posezoo.jobs")
 
 ACTIVE = ("uploading", "queued", "running")
 VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".h264", ".ts"}
+
+
+class DataDirInUseError(PosezooError):
+    """Another server process holds the data directory's lock."""
 
 
 class QueueFullError(PosezooError):
@@ -86,42 +93,83 @@ def error_code(exc: BaseException) -> tuple[int, str]:
     return 500, "internal_error"
 
 
-def validate_video(path: Path) -> dict:
-    """Check that ``path`` is a decodable video before a job is queued: the header, the
-    first frame, and the packets near the end (which catches files cut short whose index
-    is intact). Raises :class:`VideoError` / :class:`TruncatedVideoError`."""
+def validate_video(path: Path, *, max_pixels: int | None = None, allow_truncated: bool = False) -> dict:
+    """Check that ``path`` is a decodable video before a job is queued: the frame size from
+    the header (before anything is decoded), the first frame, and the packets near the end
+    (which catches files cut short whose index is intact).
+
+    Parameters
+    ----------
+    path : Path
+    max_pixels : int, optional
+        Largest ``width * height`` accepted (:class:`SourceError` 413 above it).
+    allow_truncated : bool
+        A video cut short is accepted (the job keeps the frames that decode); the returned
+        ``truncated`` says why it looks cut short. A file whose first frame does not
+        decode is refused either way.
+
+    Raises
+    ------
+    VideoError, TruncatedVideoError, SourceError
+    """
     import av
 
     from ..video import probe
 
     info = probe(path)
     name = path.name
+    if max_pixels and info.width * info.height > max_pixels:
+        raise SourceError(
+            f"{name}: the video is {info.width}x{info.height} ({info.width * info.height / 1e6:.1f} MP a frame), over "
+            f"this server's limit of {max_pixels / 1e6:.1f} MP a frame (MAX_VIDEO_PIXELS)", status=413,
+            code="too_large")
+    out = {"width": info.width, "height": info.height, "fps": info.fps, "n_frames": info.n_frames,
+           "codec": info.codec, "truncated": None}
     try:
         with av.open(str(path)) as c:
             s = c.streams.video[0]
             first = next(c.decode(s), None)
             if first is None:
                 raise VideoError(f"{name}: no frame could be decoded (empty or corrupt video stream)")
-            if s.duration and s.time_base and info.n_frames > 2:
-                # Demux (no decoding) from the last keyframe before the end: a file cut short
-                # whose index is intact stops delivering packets well before the stream's end.
-                start = s.start_time or 0
-                frame = int(1 / (info.fps * s.time_base)) if info.fps > 0 else 0
-                target = start + s.duration - max(int(s.duration * 0.05), 2 * frame)
-                c.seek(target, stream=s, backward=True, any_frame=False)
-                last = None
-                for packet in c.demux(s):
-                    if packet.size and packet.pts is not None:
-                        last = packet.pts if last is None else max(last, packet.pts)
-                if last is None or last < target:
-                    where = f"at {float((last - start) * s.time_base):.1f} s" if last is not None else "early"
-                    raise TruncatedVideoError(
-                        f"{name}: truncated video: its header announces {float(s.duration * s.time_base):.1f} s "
-                        f"but the stream stops {where}; is the file complete?", 0)
+    except (av.FFmpegError, EOFError) as exc:
+        raise VideoError(f"{name}: damaged video: its first frame does not decode ({exc})") from None
+    try:
+        _check_complete(path, info)
+    except TruncatedVideoError as exc:
+        if not allow_truncated:
+            raise
+        out["truncated"] = str(exc)
+    return out
+
+
+def _check_complete(path: Path, info) -> None:
+    """Demux (no decoding) from the last keyframe before the end: a file cut short whose
+    index is intact stops delivering packets well before the stream's end."""
+    import av
+
+    name = path.name
+    try:
+        with av.open(str(path)) as c:
+            s = c.streams.video[0]
+            if not (s.duration and s.time_base and info.n_frames > 2):
+                return
+            start = s.start_time or 0
+            frame = int(1 / (info.fps * s.time_base)) if info.fps > 0 else 0
+            target = start + s.duration - max(int(s.duration * 0.05), 2 * frame)
+            c.seek(target, stream=s, backward=True, any_frame=False)
+            last = None
+            for packet in c.demux(s):
+                if packet.size and packet.pts is not None:
+                    last = packet.pts if last is None else max(last, packet.pts)
+            if last is None or last < target:
+                where = f"at {float((last - start) * s.time_base):.1f} s" if last is not None else "early"
+                raise TruncatedVideoError(
+                    f"{name}: truncated video: its header announces {float(s.duration * s.time_base):.1f} s "
+                    f"but the stream stops {where}; is the file complete? (allow_truncated=true keeps the frames "
+                    "that decode)", 0)
     except (av.FFmpegError, EOFError, StopIteration) as exc:
-        raise TruncatedVideoError(f"{name}: damaged or truncated video ({exc})", 0) from None
-    return {"width": info.width, "height": info.height, "fps": info.fps, "n_frames": info.n_frames,
-            "codec": info.codec}
+        raise TruncatedVideoError(f"{name}: damaged or truncated video ({exc}); allow_truncated=true keeps the "
+                                  "frames that decode", 0) from None
 
 
 @dataclass
@@ -163,6 +211,9 @@ class JobManager:
         self._lock = threading.Lock()
         self._active = 0  # reserved + queued + running video jobs
         self._ft_active = 0  # the same for fine-tune jobs (their own pool of one worker)
+        self._per_owner: collections.Counter[str] = collections.Counter()  # video jobs of each key in _active
+        self._image_slots = threading.BoundedSemaphore(settings.image_concurrency)
+        self._image_pixels = _Budget(settings.max_image_pixels)
         self._ft_queue: queue.Queue[str | None] = queue.Queue()
         self.catalogs = self.root / "catalogs"
         self._owner_zoos: dict[str, object] = {}
@@ -275,6 +326,7 @@ class JobManager:
                     self._ft_queue.put(rec.id)
                 else:
                     self._active += 1
+                    self._per_owner[rec.owner] += 1
                     self._queue.put(rec.id)
                 self._live[rec.id] = rec
                 self._cancel[rec.id] = threading.Event()
@@ -398,7 +450,8 @@ class JobManager:
         return self.settings.workers + self.settings.queue_size
 
     def reserve(self, owner: str, kind: str = "video") -> Reservation:
-        """Take a queue slot (429 when none is left) and a job id."""
+        """Take a queue slot (429 when none is left, or when ``owner`` holds its whole share)
+        and a job id."""
         if self._stopping.is_set():
             raise QueueFullError("the server is shutting down", self.settings.retry_after_s)
         with self._lock:
@@ -410,13 +463,29 @@ class JobManager:
                         f"is full; try again later", max(self.settings.retry_after_s, 30))
                 self._ft_active += 1
                 return Reservation(uuid.uuid4().hex, owner, kind=kind)
+            share = self.settings.key_share
+            if self._per_owner[owner] >= share:
+                self._metrics.rejected.labels("key_share").inc()
+                raise QueueFullError(
+                    f"this API key already has {self._per_owner[owner]} job(s) uploading, queued or running, its "
+                    f"share of this server's queue ({share}); try again when one has finished",
+                    self.settings.retry_after_s)
             if self._active >= self.capacity:
                 self._metrics.rejected.labels("queue_full").inc()
-                raise QueueFullError(
-                    f"all {self.settings.workers} worker(s) are busy and the queue of {self.settings.queue_size} "
-                    f"is full; try again in {self.settings.retry_after_s} s", self.settings.retry_after_s)
+                raise QueueFullError(f"{self._load_line()}; try again in {self.settings.retry_after_s} s",
+                                     self.settings.retry_after_s)
             self._active += 1
+            self._per_owner[owner] += 1
         return Reservation(uuid.uuid4().hex, owner)
+
+    def _load_line(self) -> str:
+        """What fills the queue, for a 429 (called with ``_lock`` held)."""
+        video = [r for r in self._live.values() if r.kind != "finetune"]
+        running = sum(1 for r in video if r.status == "running")
+        queued = sum(1 for r in video if r.status == "queued")
+        uploading = self._active - running - queued
+        return (f"the queue is full: {running} job(s) running on {self.settings.workers} worker(s), {queued} queued "
+                f"and {uploading} upload(s) in progress take all {self.capacity} slots")
 
     def release(self, res: Reservation) -> None:
         """Give back a reservation whose job was never queued (and remove its upload)."""
@@ -428,6 +497,7 @@ class JobManager:
                 self._ft_active -= 1
             else:
                 self._active -= 1
+                self._per_owner[res.owner] -= 1
         self._cleanup_inputs(res.job_id)
         rec = self.store.get(res.job_id)
         if rec is not None and rec.status == "uploading":
@@ -453,22 +523,28 @@ class JobManager:
         if nbytes == 0:
             raise VideoError(f"{filename or 'the upload'}: file is empty (0 bytes)")
         try:
-            info = validate_video(path)
-        except VideoError as exc:
-            raise type(exc)(str(exc).replace(str(path.parent) + "/", "").replace(path.name, filename or "upload"),
-                            *([exc.frames_read] if isinstance(exc, TruncatedVideoError) else [])) from None
+            info = validate_video(path, max_pixels=self.settings.max_video_pixels,
+                                  allow_truncated=options.allow_truncated)
+        except (VideoError, SourceError) as exc:
+            text = str(exc).replace(str(path.parent) + "/", "").replace(path.name, filename or "upload")
+            if isinstance(exc, SourceError):
+                raise SourceError(text, exc.status, exc.code) from None
+            raise type(exc)(text, *([exc.frames_read] if isinstance(exc, TruncatedVideoError) else [])) from None
         self._check_length(info)
         rec = JobRecord(id=res.job_id, owner=res.owner, options=options, model=model,
                         source={"kind": "upload", "filename": filename or "upload", "bytes": nbytes},
                         input_path=str(path), n_frames=info["n_frames"] or None,
                         progress=Progress(stage="queued", frames_total=info["n_frames"] or None))
+        if info["truncated"]:
+            rec.notes.append("the video looks cut short; allow_truncated is on, so the frames that decode are kept")
         self._metrics.upload_bytes.inc(nbytes)
         return self._enqueue(res, rec)
 
     def submit_uri(self, res: Reservation, options: JobOptions, uri: str) -> JobRecord:
         """Queue a job on an ``s3://`` (or allowed ``https://``) source, checked now."""
         model = self.check_model(options.model, res.owner)
-        if self.results.in_s3 and uri.startswith(f"s3://{self.results.bucket}/{self.results.prefix}".rstrip("/")):
+        uri = normalise_source_uri(uri)  # what is checked below is exactly what the worker fetches
+        if self.results.in_s3 and self.results.holds(uri):
             raise SourceError("s3:// sources may not name the server's results", status=403, code="forbidden_source")
         source = self.sources.describe(uri)
         rec = JobRecord(id=res.job_id, owner=res.owner, options=options, model=model, source=source)
@@ -611,21 +687,49 @@ class JobManager:
         return self._metrics.text()
 
     # -- images -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def image_slot(self):
+        """One of ``IMAGE_CONCURRENCY`` slots for an image request, taken before its body is
+        read (bodies and decoded images of unbounded numbers of requests would add up);
+        waits up to ``IMAGE_WAIT_S``, then 429."""
+        if not self._image_slots.acquire(timeout=self.settings.image_wait_s):
+            self._metrics.rejected.labels("images_busy").inc()
+            raise QueueFullError(f"all {self.settings.image_concurrency} image prediction slot(s) are busy; "
+                                 f"try again in {self.settings.retry_after_s} s", self.settings.retry_after_s)
+        try:
+            yield
+        finally:
+            self._image_slots.release()
+
     def predict_image(self, data: bytes, model: str | None, owner: str | None = None) -> dict:
+        """Keypoints of one encoded image. Its size is read from the header first: more than
+        ``MAX_IMAGE_PIXELS`` is refused before any decoding, and the pixels decoding at once are
+        bounded by the same number (a 1 MB PNG can decode to 1.2 GB)."""
         import cv2
         import numpy as np
 
         if not data:
             raise VideoError("the image is empty (0 bytes)")
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-        if img is None:
-            raise VideoError("not a readable image (PNG, JPEG, BMP, TIFF or WebP expected)")
+        width, height = check_image_size(data, self.settings.max_image_pixels)
+        pixels = width * height
         p = self.predictor(model or self.settings.model_default, owner)
-        t0 = time.perf_counter()
-        kp = p.predict_images(img, colour_order="BGR")[0, 0]
-        dt = time.perf_counter() - t0
+        if not self._image_pixels.acquire(pixels, timeout=self.settings.image_wait_s):
+            raise QueueFullError("the server is decoding other large images; try again in "
+                                 f"{self.settings.retry_after_s} s", self.settings.retry_after_s)
+        try:
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+            if img is None:
+                raise VideoError("not a readable image (PNG, JPEG, BMP, TIFF or WebP expected)")
+            if img.shape[0] * img.shape[1] > pixels:  # the decoder disagrees with the header
+                raise VideoError("the image decodes larger than its header says")
+            t0 = time.perf_counter()
+            kp = p.predict_images(img, colour_order="BGR")[0, 0]
+            dt = time.perf_counter() - t0
+            del img
+        finally:
+            self._image_pixels.release(pixels)
         return {
-            "model": p.card.ref, "width": int(img.shape[1]), "height": int(img.shape[0]),
+            "model": p.card.ref, "width": width, "height": height,
             "keypoints": [{"name": n, "x": _num(x), "y": _num(y), "likelihood": _num(lk)}
                           for n, (x, y, lk) in zip(p.keypoints, kp.tolist())],
             "pcutoff": p.card.pcutoff, "inference_s": round(dt, 4),
@@ -644,11 +748,13 @@ class JobManager:
                 log.error("job %s: unexpected error in the worker:\n%s", job_id, traceback.format_exc())
             finally:
                 with self._lock:
+                    rec = self._live.pop(job_id, None)
                     if kind == "finetune":
                         self._ft_active -= 1
                     else:
                         self._active -= 1
-                    self._live.pop(job_id, None)
+                        if rec is not None:
+                            self._per_owner[rec.owner] -= 1
                     self._cancel.pop(job_id, None)
                     self._secret_uris.pop(job_id, None)
 
@@ -691,15 +797,42 @@ class JobManager:
                 self._finish(rec, "cancelled", {"error": "cancelled", "detail": "cancelled by the user"})
         except PosezooError as exc:
             _, code = error_code(exc)
-            self._finish(rec, "failed", {"error": code, "detail": self._scrub(str(exc), rec)})
+            self._finish(rec, "failed", {"error": code, "detail": one_line(self._scrub(str(exc), rec))})
         except Exception as exc:
             log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+            detail = one_line(self._scrub(f"{type(exc).__name__}: {exc}", rec), 200)
             self._finish(rec, "failed", {"error": "internal_error",
-                                         "detail": self._scrub(f"{type(exc).__name__}: {exc}", rec)})
+                                         "detail": f"internal error ({detail}); the server log has the details"})
         finally:
             shutil.rmtree(work, ignore_errors=True)
             if not keep_input:
                 self._cleanup_inputs(job_id)
+
+    def _public_metadata(self, meta: dict, rec: JobRecord, video: Path) -> dict:
+        """A result's metadata without this server's paths: the model's source says where it
+        came from (``local:<file>``, ``hf://…``, ``s3://…``), not where it lies on disk."""
+        import json
+
+        meta = json.loads(json.dumps(meta, default=str))  # a deep copy, plain JSON types
+        model = meta.get("model") or {}
+        src = str(model.get("source") or "")
+        if src.startswith(("local:", "file:")):
+            model["source"] = f"{src.split(':', 1)[0]}:{Path(src.split(':', 1)[1]).name}"
+        prefixes = sorted({str(video.parent) + "/", str(self.root) + "/", str(self.zoo.cache_dir) + "/",
+                           *(str(c) + "/" for c in getattr(self.zoo, "catalogs", []))}, key=len, reverse=True)
+
+        def clean(value):
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [clean(v) for v in value]
+            if isinstance(value, str):
+                for pre in prefixes:
+                    value = value.replace(pre, "")
+                return self._scrub(value, rec)
+            return value
+
+        return clean(meta)
 
     def _scrub(self, text: str, rec: JobRecord) -> str:
         """Error text without server paths."""
@@ -737,7 +870,8 @@ class JobManager:
             video = work / f"input{suffix if suffix in VIDEO_SUFFIXES else '.video'}"
             self.sources.fetch(src, self._secret_uris.get(rec.id), video)
             tracker.check()
-            info = validate_video(video)
+            info = validate_video(video, max_pixels=self.settings.max_video_pixels,
+                                  allow_truncated=opts.allow_truncated)
             self._check_length(info)
             rec.n_frames = info["n_frames"] or None
         predictor = self.predictor(rec.model, rec.owner)
@@ -751,7 +885,7 @@ class JobManager:
         rec.n_frames = table.n_frames
         self._metrics.frames.inc(table.n_frames)
         name = Path(src.get("filename") or "video").stem or "video"
-        meta = dict(table.metadata)
+        meta = self._public_metadata(table.metadata, rec, video)
         meta["video"] = {**meta.get("video", {}), "path": src.get("filename") or src.get("uri")}
         meta["job"] = {"id": rec.id, "model": rec.model, "options": opts.model_dump(mode="json"),
                        "source": src, "created_at": rec.created_at, "attempts": rec.attempts}
@@ -777,7 +911,6 @@ def _lock_data_dir(root: Path):
     """Hold an exclusive lock on the data directory for the life of the process: two servers
     sharing one job store would run the same jobs twice."""
     import fcntl
-    import os
 
     f = open(root / "server.lock", "a+")
     try:
@@ -786,13 +919,92 @@ def _lock_data_dir(root: Path):
         f.seek(0)
         other = f.read().strip() or "?"
         f.close()
-        raise PosezooError(f"{root} is in use by another posezoo server (pid {other}); "
-                           "give each server its own POSEZOO_SERVICE_DATA_DIR") from None
+        raise DataDirInUseError(f"{root} is in use by another posezoo server (pid {other}); "
+                                "give each server its own POSEZOO_SERVICE_DATA_DIR") from None
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))
     f.flush()
     return f
+
+
+def check_data_dir_free(data_dir: Path) -> None:
+    """Raise :class:`DataDirInUseError` when another server holds ``data_dir`` (the lock is
+    taken and given back at once). The service checks this in ``bentoml serve``'s own
+    process, before it starts a worker, so a second server exits instead of respawning
+    workers that cannot start."""
+    root = Path(data_dir).resolve()
+    if (root / "server.lock").exists():
+        _lock_data_dir(root).close()
+
+
+def check_image_size(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """``(width, height)`` of an encoded image, read from its header alone (Pillow reads
+    the header lazily; no pixel is decoded).
+
+    Raises
+    ------
+    VideoError
+        Not an image.
+    SourceError
+        413: more than ``max_pixels`` pixels (``MAX_IMAGE_PIXELS``).
+    """
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    def too_large(size: str) -> SourceError:
+        return SourceError(f"the image is {size}, over this server's limit of {max_pixels / 1e6:.1f} MP "
+                           "(MAX_IMAGE_PIXELS)", status=413, code="too_large")
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = int(im.width), int(im.height)
+    except Image.DecompressionBombError:  # Pillow's own cap, far above ours
+        raise too_large(f"over {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} MP") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise VideoError(f"not a readable image (PNG, JPEG, BMP, TIFF or WebP expected): {exc}") from None
+    if width * height > max_pixels:
+        raise too_large(f"{width}x{height} ({width * height / 1e6:.1f} MP)")
+    return width, height
+
+
+class _Budget:
+    """A counting semaphore over an amount (here: pixels being decoded). A request larger
+    than the whole budget still runs, alone."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, amount: int, timeout: float) -> bool:
+        amount = min(amount, self.total)
+        with self._cond:
+            return self._cond.wait_for(lambda: self.used + amount <= self.total, timeout=timeout) and \
+                self._take(amount)
+
+    def _take(self, amount: int) -> bool:
+        self.used += amount
+        return True
+
+    def release(self, amount: int) -> None:
+        with self._cond:
+            self.used -= min(amount, self.total)
+            self._cond.notify_all()
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """An error detail as the API promises it: one line, no traceback, at most ``limit``
+    characters (HDF5 and FFmpeg append multi-line error stacks to their messages)."""
+    first = ""
+    for line in str(text).splitlines():
+        line = line.strip()
+        if line and not line.startswith(("Traceback", "File ", "HDF5-DIAG")):
+            first = line
+            break
+    first = "".join(c if c.isprintable() else " " for c in first)
+    return first if len(first) <= limit else first[: limit - 1] + "…"
 
 
 def _num(v: float) -> float | None:
@@ -862,48 +1074,93 @@ class _Tracker:
             self.m.store.put(self.rec)
 
 
+class _Series:
+    """One counter or gauge of :class:`_Metrics`, with optional labels (thread-safe)."""
+
+    def __init__(self, kind: str, name: str, doc: str, labels: tuple[str, ...] = ()):
+        self.kind, self.name, self.doc, self.label_names = kind, name, doc, labels
+        self.values: dict[tuple[str, ...], float] = {} if labels else {(): 0.0}
+        self._lock = threading.Lock()
+        self._key: tuple[str, ...] = ()
+
+    def labels(self, *values: str) -> "_Series":
+        child = _Series.__new__(_Series)
+        child.__dict__.update(self.__dict__)
+        child._key = tuple(str(v) for v in values)
+        return child
+
+    def inc(self, amount: float = 1.0) -> None:
+        with self._lock:
+            self.values[self._key] = self.values.get(self._key, 0.0) + amount
+
+    def set(self, value: float) -> None:
+        with self._lock:
+            self.values[self._key] = float(value)
+
+
+class _Histogram:
+    def __init__(self, name: str, doc: str, buckets: tuple[float, ...]):
+        self.name, self.doc, self.buckets = name, doc, buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        import bisect
+
+        with self._lock:
+            self.counts[bisect.bisect_left(self.buckets, value)] += 1
+            self.sum += value
+
+
 class _Metrics:
-    """Prometheus metrics of the job system (a private registry, appended to BentoML's)."""
+    """Prometheus metrics of the job system, kept in this process's memory.
+
+    Not prometheus_client's Counter/Gauge: under BentoML those write to its shared
+    multiprocess directory, whose collector then reported every family twice (once from
+    the files, once from us) and summed in other servers' values. A collector over plain
+    numbers is emitted exactly once, by ``__metrics__``, for this server only.
+    """
 
     def __init__(self):
-        try:
-            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-        except ImportError:  # pragma: no cover - prometheus_client comes with bentoml
-            self.registry = None
-            self.submitted = self.finished = self.rejected = _Null()
-            self.running = self.queued = self.frames = self.upload_bytes = self.duration = _Null()
-            return
-        r = self.registry = CollectorRegistry()
-        self.submitted = Counter("posezoo_jobs_submitted", "Video jobs queued", ["source"], registry=r)
-        self.finished = Counter("posezoo_jobs_finished", "Video jobs ended, by status", ["status"], registry=r)
-        self.rejected = Counter("posezoo_jobs_rejected", "Job submissions refused", ["reason"], registry=r)
-        self.running = Gauge("posezoo_jobs_running", "Jobs running now", registry=r)
-        self.queued = Gauge("posezoo_jobs_queued", "Jobs waiting for a worker", registry=r)
-        self.frames = Counter("posezoo_frames_predicted", "Video frames predicted", registry=r)
-        self.upload_bytes = Counter("posezoo_upload_bytes", "Bytes of uploaded videos accepted", registry=r)
-        self.duration = Histogram("posezoo_job_duration_seconds", "Run time of a job",
-                                  buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200), registry=r)
+        self.submitted = _Series("counter", "posezoo_jobs_submitted", "Jobs queued", ("source",))
+        self.finished = _Series("counter", "posezoo_jobs_finished", "Jobs ended, by status", ("status",))
+        self.rejected = _Series("counter", "posezoo_jobs_rejected", "Requests refused for load", ("reason",))
+        self.running = _Series("gauge", "posezoo_jobs_running", "Jobs running now")
+        self.queued = _Series("gauge", "posezoo_jobs_queued", "Jobs waiting for a worker")
+        self.frames = _Series("counter", "posezoo_frames_predicted", "Video frames predicted")
+        self.upload_bytes = _Series("counter", "posezoo_upload_bytes", "Bytes of uploads accepted")
+        self.duration = _Histogram("posezoo_job_duration_seconds", "Run time of a video job",
+                                   (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200))
+        self._series = (self.submitted, self.finished, self.rejected, self.running, self.queued, self.frames,
+                        self.upload_bytes)
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        for series in self._series:
+            family = CounterMetricFamily if series.kind == "counter" else GaugeMetricFamily
+            m = family(series.name, series.doc, labels=series.label_names)
+            with series._lock:
+                items = sorted(series.values.items())
+            for key, value in items:
+                m.add_metric(list(key), value)
+            yield m
+        h = self.duration
+        with h._lock:
+            counts, total = list(h.counts), h.sum
+        cumulative, buckets = 0, []
+        for le, n in zip([*map(str, h.buckets), "+Inf"], counts):
+            cumulative += n
+            buckets.append((le, cumulative))
+        yield HistogramMetricFamily(h.name, h.doc, buckets=buckets, sum_value=total)
 
     def text(self) -> str:
-        if self.registry is None:
-            return ""
-        from prometheus_client import generate_latest
+        from prometheus_client import CollectorRegistry, generate_latest
 
-        return generate_latest(self.registry).decode()
-
-
-class _Null:
-    def labels(self, *a, **k):
-        return self
-
-    def inc(self, *a, **k):
-        pass
-
-    def set(self, *a, **k):
-        pass
-
-    def observe(self, *a, **k):
-        pass
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self)
+        return generate_latest(registry).decode()
 
 
 __all__ = ["JobManager", "QueueFullError", "JobNotFoundError", "Reservation", "error_code", "validate_video",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..table import FORMATS
 
@@ -65,6 +65,19 @@ class JobOptions(BaseModel):
             raise ValueError(f"at least one format is needed: choose from {', '.join(FORMATS)}")
         return list(dict.fromkeys(v))
 
+    @model_validator(mode="after")
+    def _filter_applies(self) -> "JobOptions":
+        # the rule the job itself applies, checked before the job is accepted
+        if self.filter:
+            from ..errors import InputError
+            from ..filtering import check_filter
+
+            try:
+                check_filter(self.filter, self.filter_window)
+            except InputError as exc:
+                raise ValueError(str(exc)) from None
+        return self
+
 
 class FinetuneOptions(BaseModel):
     """Options of a fine-tune job (query string or multipart form fields). Unset numbers take the
@@ -76,7 +89,8 @@ class FinetuneOptions(BaseModel):
                                                      "the labelled data (default: the server's default model)")
     name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_\-]*$", max_length=64,
                              description="name of the new model (default: <base name>-ft)")
-    version: str | None = Field(None, pattern=r"^[0-9A-Za-z.\-+]+$", max_length=64,
+    # Both end up as directory names: they start with a letter or digit (never '.' or '..').
+    version: str | None = Field(None, pattern=r"^[0-9A-Za-z][0-9A-Za-z.\-+]*$", max_length=64,
                                 description="version of the new model (default: the next free 1.0.N)")
     steps: int | None = Field(None, ge=1, description="training steps (default: the server's FINETUNE_STEPS)")
     batch_size: int | None = Field(None, ge=1, description="frames per step (default: the server's)")

@@ -43,6 +43,30 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+def normalise_source_uri(uri: str) -> str:
+    """The canonical form of a job's source URI, before any check is made on it.
+
+    ``s3://`` URIs get a lower-case scheme and bucket, and their key loses empty
+    segments (``s3://b//k`` and ``S3://B/k`` both mean ``s3://b/k``: that is what parsing
+    and S3 make of them, so checks must see it too); ``.`` and ``..`` segments are refused.
+    Other schemes are returned as given (their own checks parse them).
+    """
+    if not isinstance(uri, str) or any(ord(c) < 32 or ord(c) == 127 for c in uri):
+        raise SourceError("the source URI contains control characters", code="bad_source")
+    u = urlparse(uri.strip())
+    if u.scheme.lower() != "s3":
+        return uri.strip()
+    if u.query or u.fragment or u.params:
+        raise SourceError(f"{uri[:200]!r}: an s3:// source has no query or fragment", code="bad_source")
+    segments = [seg for seg in u.path.split("/") if seg]
+    if any(seg in (".", "..") for seg in segments):
+        raise SourceError(f"{uri[:200]!r}: '.' and '..' are not allowed in an s3:// key", code="bad_source")
+    bucket = u.netloc.lower()
+    if not bucket:
+        raise SourceError(f"{uri[:200]!r} is not an s3://bucket/key URI", code="bad_source")
+    return f"s3://{bucket}/{'/'.join(segments)}"
+
+
 def redact_url(url: str) -> str:
     """The URL without user info, query or fragment (presigned URLs carry secrets there)."""
     u = urlparse(url)
@@ -69,6 +93,15 @@ class ResultStore:
     @property
     def in_s3(self) -> bool:
         return bool(self.s3_uri)
+
+    def holds(self, uri: str) -> bool:
+        """Whether the (normalised) ``s3://`` URI names something under the results prefix."""
+        if not self.in_s3 or not uri.startswith("s3://"):
+            return False
+        bucket, key = split_s3_uri(uri)
+        if bucket.lower() != self.bucket.lower():
+            return False
+        return not self.prefix or key == self.prefix or key.startswith(self.prefix + "/")
 
     def _key(self, job_id: str, filename: str) -> str:
         return "/".join(p for p in (self.prefix, job_id, filename) if p)

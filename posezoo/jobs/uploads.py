@@ -8,7 +8,9 @@ cut off as soon as it passes the limit.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,55 @@ def check_declared_length(headers: Mapping[str, str], limit: int) -> int | None:
     if n > limit:
         raise UploadError(f"upload of {n} bytes is over the limit of {limit} bytes", 413, "too_large")
     return n
+
+
+#: Longest uploaded file name (bytes of UTF-8): results are named after it, and most file
+#: systems stop at 255 bytes for a whole name.
+MAX_FILENAME_BYTES = 200
+
+
+def check_filename(name: str | None) -> str | None:
+    """The upload's file name, checked before anything is accepted: its last path component,
+    no control characters, at most :data:`MAX_FILENAME_BYTES`. Raises :class:`UploadError` (422)."""
+    if name is None:
+        return None
+    base = name.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    if any(ord(c) < 32 or ord(c) == 127 for c in base):
+        raise UploadError(f"the file name {name[:60]!r} contains control characters", 422, "bad_filename")
+    if len(base.encode("utf-8")) > MAX_FILENAME_BYTES:
+        raise UploadError(f"the file name is {len(base.encode('utf-8'))} bytes long; at most {MAX_FILENAME_BYTES} "
+                          "are accepted", 422, "bad_filename")
+    if base in ("", ".", ".."):
+        return None
+    return base
+
+
+async def paced(chunks: AsyncIterator[bytes], *, idle_timeout_s: float, min_rate: float = 0,
+                grace_s: float = 0) -> AsyncIterator[bytes]:
+    """Pass the body's chunks through, cutting off an upload that stalls or trickles.
+
+    An upload holds a queue slot while it lasts, so a client sending a byte a second
+    could hold every slot for hours. Raises :class:`UploadError` 408 when no chunk
+    arrives for ``idle_timeout_s``, or when after ``grace_s`` the average rate is
+    below ``min_rate`` bytes/s.
+    """
+    it = chunks.__aiter__()
+    t0 = time.monotonic()
+    n = 0
+    while True:
+        try:
+            chunk = await asyncio.wait_for(it.__anext__(), idle_timeout_s)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise UploadError(f"the upload stalled: nothing arrived for {idle_timeout_s:g} s", 408,
+                              "upload_timeout") from None
+        n += len(chunk)
+        elapsed = time.monotonic() - t0
+        if min_rate and elapsed > grace_s and n < min_rate * elapsed:
+            raise UploadError(f"the upload is too slow: {n / elapsed:.0f} bytes/s on average after {elapsed:.0f} s, "
+                              f"under this server's minimum of {min_rate:.0f} bytes/s", 408, "upload_timeout")
+        yield chunk
 
 
 class _Sink:
