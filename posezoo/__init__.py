@@ -18,6 +18,7 @@ from .errors import (
     PosezooError,
     TruncatedVideoError,
     UnknownModelError,
+    UnsafeFileError,
     VideoError,
     ZooError,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "ResolvedModel",
     "TruncatedVideoError",
     "UnknownModelError",
+    "UnsafeFileError",
     "VideoError",
     "Zoo",
     "ZooError",

@@ -6,30 +6,70 @@ Quick use::
 
     with Client("http://localhost:3000", api_key="...") as client:
         result = client.predict("video.mp4", formats=["h5", "csv"], labeled_video=True, out="results")
-        result.table            # PoseTable, read from the downloaded h5
+        result.table            # PoseTable, read from the downloaded csv (never from the h5)
         result.paths            # {"h5": Path, "csv": Path, "video": Path, "meta": Path}
         client.predict("s3://bucket/videos/mouse.mp4")   # a video the server reads from S3
 
 Uploads are streamed from the file (never read whole into memory), progress is shown with
 tqdm, and requests answered 429/503 (queue full, starting) are retried after the server's
-``Retry-After``. The API key is also read from ``POSEZOO_API_KEY``.
+``Retry-After``. The API key is also read from ``POSEZOO_API_KEY``; sending it over plain
+``http://`` to a host other than this machine warns (:class:`InsecureTransportWarning`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import random
+import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import PosezooError
 
 CHUNK = 1 << 20
 RETRY_STATUSES = (429, 503)
+
+# Hosts already warned about (once per process each: a script making many clients is not
+# helped by the same warning a hundred times).
+_WARNED_HOSTS: set[str] = set()
+_WARNED_LOCK = threading.Lock()
+
+
+class InsecureTransportWarning(UserWarning):
+    """The API key (and the results) would travel unencrypted to a host on the network."""
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name other than localhost: it may resolve anywhere
+        return False
+
+
+def _warn_if_insecure(url: str, key: str | None) -> None:
+    """Warn once per host when ``key`` would be sent over plain http to a non-loopback host."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if not key or parts.scheme.lower() != "http" or _is_loopback(host):
+        return
+    with _WARNED_LOCK:
+        if host in _WARNED_HOSTS:
+            return
+        _WARNED_HOSTS.add(host)
+    warnings.warn(
+        f"posezoo client: the API key is sent to {host} over plain http://, readable (and the results "
+        "changeable) by anyone on the way; use https:// for a server on another machine",
+        InsecureTransportWarning, stacklevel=3,
+    )
 
 
 class RemoteError(PosezooError):
@@ -92,6 +132,7 @@ class Client:
 
         self.url = url.rstrip("/")
         key = api_key if api_key is not None else os.environ.get("POSEZOO_API_KEY")
+        _warn_if_insecure(self.url, key)
         headers = {"User-Agent": "posezoo-client"}
         if key:
             headers["Authorization"] = f"Bearer {key}"
@@ -288,7 +329,7 @@ class Client:
                 r.read()
                 raise RemoteError.from_response(r)
             else:
-                name = _filename(r.headers.get("content-disposition")) or f"{job_id}.{kind}"
+                name = _result_name(_filename(r.headers.get("content-disposition")), job_id, kind)
                 target = dest / name if dest.is_dir() else dest
                 self._save(r, target)
                 return target
@@ -296,7 +337,8 @@ class Client:
             if s.is_error:
                 s.read()
                 raise RemoteError(f"downloading the {kind} result from S3 failed: HTTP {s.status_code}", s.status_code)
-            name = _filename(s.headers.get("content-disposition")) or Path(httpx.URL(url).path).name
+            name = _result_name(_filename(s.headers.get("content-disposition")) or Path(httpx.URL(url).path).name,
+                                job_id, kind)
             target = dest / name if dest.is_dir() else dest
             self._save(s, target)
         return target
@@ -324,13 +366,16 @@ class Client:
                 out: str | os.PathLike = ".", progress: bool | None = None, **options) -> Prediction:
         """Submit a video, follow the job, download its results into ``out`` and read the pose table.
 
+        The table is read from the csv result, requested in addition to ``formats``: reading an
+        h5 means unpickling what the server sent, and the server may not be the one you think.
+
         Raises :class:`RemoteError` when the server refuses the video or the job fails.
         """
         from .table import PoseTable
 
         fmts = formats.split(",") if isinstance(formats, str) else list(formats)
-        if "h5" not in fmts and "csv" not in fmts:
-            fmts.append("h5")  # the table is read back from it
+        if "csv" not in fmts:
+            fmts.append("csv")  # the table is read back from it
         job = self.submit(video_or_uri, model=model, formats=fmts, labeled_video=labeled_video,
                           progress=progress, **options)
         job = self.wait(job["id"], progress=progress)
@@ -339,7 +384,11 @@ class Client:
             raise RemoteError(f"job {job['id']} {job['status']}: {err.get('detail', '')}".strip(), None,
                               err.get("error", job["status"]), err.get("detail", ""), job)
         paths = self.fetch_results(job, out)
-        table = PoseTable.load(paths["h5"] if "h5" in paths else paths["csv"])
+        if "csv" not in paths:
+            raise RemoteError(f"job {job['id']} succeeded without the csv result it was asked for", None,
+                              "missing_result", "csv", job)
+        # the server names the files: a csv saved as "x.h5" is still read as a csv
+        table = PoseTable.load(paths["csv"], fmt="csv")
         return Prediction(table, paths, job)
 
     def finetune(self, zip_path: str | os.PathLike, *, base_model: str | None = None, steps: int | None = None,
@@ -388,6 +437,23 @@ class Client:
         params = {"model": model} if model else {}
         return self._request("POST", "/v1/predict/image", params=params, content=data,
                              headers={"Content-Type": "application/octet-stream"}).json()
+
+
+#: What each result kind's file name ends with (the service's naming).
+RESULT_SUFFIXES = {"h5": ".h5", "csv": ".csv", "json": ".json", "parquet": ".parquet", "video": ".mp4",
+                   "meta": ".meta.json"}
+
+
+def _result_name(name: str | None, job_id: str, kind: str) -> str:
+    """The file name a result is saved under: the server's, when it is a plain name with the
+    kind's suffix; otherwise ``<job>.<suffix>``. A server must not choose to write
+    ``.bashrc`` or ``evil.py`` into the user's directory."""
+    suffix = RESULT_SUFFIXES.get(kind, f".{kind}")
+    if name:
+        name = os.path.basename(name.replace("\\", "/"))
+    ok = bool(name) and name.endswith(suffix) and not name.startswith(".") and len(name) <= 255 \
+        and all(c.isprintable() and c not in '<>:"|?*' for c in name)
+    return name if ok else f"{job_id}{suffix}"
 
 
 def _filename(disposition: str | None) -> str | None:

@@ -58,3 +58,8 @@ class TruncatedVideoError(VideoError):
 
 class InputError(PosezooError, ValueError):
     """An argument or array has the wrong shape, type or value."""
+
+
+class UnsafeFileError(InputError):
+    """A file holds something that would run code when read (e.g. a pickled Python object in
+    an h5 table): it is refused, and nothing in it was executed."""

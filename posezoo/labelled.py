@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, UnsafeFileError
+from .safe_hdf import read_hdf_safely
 
 LABEL_FILE_GLOB = "CollectedData_*"
 
@@ -142,7 +143,9 @@ def _read_table(path: Path):
 
     if path.suffix.lower() == ".h5":
         try:
-            return pd.read_hdf(path)
+            return read_hdf_safely(path)  # pd.read_hdf would run pickled code in the file
+        except UnsafeFileError:
+            raise
         except Exception as exc:  # pytables raises its own HDF5ExtError, pandas KeyError/ValueError
             raise InputError(f"{path}: cannot read this HDF5 label table ({exc})") from exc
     if path.suffix.lower() != ".csv":

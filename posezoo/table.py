@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
+from .safe_hdf import read_hdf_safely
 
 FORMATS = ("h5", "csv", "json", "parquet")
 DLC_H5_KEY = "df_with_missing"
@@ -104,17 +105,39 @@ class PoseTable:
         return cls(data, tuple(keypoints), tuple(individuals), scorer, dict(metadata or {}))
 
     @classmethod
-    def load(cls, path: str | Path) -> "PoseTable":
-        """Read a table written by :meth:`save` (``.h5`` or ``.csv``; metadata from the sidecar)."""
+    def load(cls, path: str | Path, fmt: str | None = None) -> "PoseTable":
+        """Read a table written by :meth:`save` (``.h5`` or ``.csv``; metadata from the sidecar).
+
+        Parameters
+        ----------
+        path : str or Path
+        fmt : {"h5", "csv"}, optional
+            How to read the file; by default from its suffix (give it for a file whose name
+            was chosen by someone else, e.g. a download).
+
+        Raises
+        ------
+        UnsafeFileError
+            An h5 file holds a pickled Python object (it is not run).
+        InputError
+            Not a pose table, or its coordinates are not numbers.
+        """
         path = Path(path)
+        fmt = fmt or path.suffix.lstrip(".")
         meta_path = path.with_suffix(".meta.json")
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        if path.suffix == ".h5":
-            df = pd.read_hdf(path, key=DLC_H5_KEY)
-        elif path.suffix == ".csv":
-            df = pd.read_csv(path, header=[0, 1, 2, 3], index_col=0)
+        if fmt == "h5":
+            # pd.read_hdf would unpickle whatever the file holds, i.e. run its code
+            df = read_hdf_safely(path, key=DLC_H5_KEY)
+        elif fmt == "csv":
+            try:
+                df = pd.read_csv(path, header=[0, 1, 2, 3], index_col=0)
+            except (UnicodeDecodeError, ValueError, IndexError, pd.errors.ParserError) as exc:
+                raise InputError(f"{path}: not a DeepLabCut pose table in CSV ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
         else:
             raise InputError(f"{path}: can only load .h5 or .csv pose tables")
+        _require_numeric(df, path)
         return cls.from_dataframe(df, meta)
 
     # -- writers --------------------------------------------------------------------------
@@ -197,6 +220,14 @@ class PoseTable:
         meta.write_text(json.dumps(self.metadata, indent=2, default=_json_default))
         paths["meta"] = meta
         return paths
+
+
+def _require_numeric(df: pd.DataFrame, path: Path) -> None:
+    """Refuse a table with a non-numeric column: coordinates and likelihoods are numbers, and
+    an object column is where anything else (pickled objects included) would hide."""
+    for column, dtype in df.dtypes.items():
+        if not pd.api.types.is_numeric_dtype(dtype):
+            raise InputError(f"{path}: column {column} holds {dtype} values: a pose table holds numbers only")
 
 
 def _json_default(o):

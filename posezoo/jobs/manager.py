@@ -814,10 +814,6 @@ class JobManager:
         import json
 
         meta = json.loads(json.dumps(meta, default=str))  # a deep copy, plain JSON types
-        model = meta.get("model") or {}
-        src = str(model.get("source") or "")
-        if src.startswith(("local:", "file:")):
-            model["source"] = f"{src.split(':', 1)[0]}:{Path(src.split(':', 1)[1]).name}"
         prefixes = sorted({str(video.parent) + "/", str(self.root) + "/", str(self.zoo.cache_dir) + "/",
                            *(str(c) + "/" for c in getattr(self.zoo, "catalogs", []))}, key=len, reverse=True)
 
@@ -827,6 +823,9 @@ class JobManager:
             if isinstance(value, list):
                 return [clean(v) for v in value]
             if isinstance(value, str):
+                if value.startswith(("local:/", "file:/")):  # a model's or detector's source on this disk
+                    scheme, path = value.split(":", 1)
+                    return f"{scheme}:{Path(path).name}"
                 for pre in prefixes:
                     value = value.replace(pre, "")
                 return self._scrub(value, rec)
