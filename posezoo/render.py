@@ -38,25 +38,28 @@ def draw_poses(
     ----------
     frame : ndarray, shape (height, width, 3), uint8
     poses : ndarray, shape (n_individuals, n_keypoints, 3)
-    colours : ndarray, shape (n_keypoints, 3)
+    colours : ndarray, shape (n_keypoints, 3) or (n_individuals, n_keypoints, 3)
+        A colour per keypoint, or per keypoint of each individual.
     skeleton_idx : ndarray, shape (n_edges, 2), int
     pcutoff : float
         Points with a likelihood below it (or NaN) are not drawn.
     trail : ndarray, shape (n_past, n_individuals, n_keypoints, 3), optional
     """
+    colours = np.broadcast_to(colours, poses.shape[:2] + (3,))
     ok = np.nan_to_num(poses[..., 2], nan=0.0) >= pcutoff
     pts = np.nan_to_num(poses[..., :2], nan=-1.0).round().astype(np.int32)
     if trail is not None and len(trail) > 1:
         t_ok = (np.nan_to_num(trail[..., 2], nan=0.0) >= pcutoff).all(axis=0)
         t_pts = np.nan_to_num(trail[..., :2], nan=-1.0).round().astype(np.int32)
         for i, k in zip(*np.nonzero(t_ok)):
-            cv2.polylines(frame, [np.ascontiguousarray(t_pts[:, i, k]).reshape(-1, 1, 2)], False, colours[k].tolist(), 1, cv2.LINE_AA)
+            cv2.polylines(frame, [np.ascontiguousarray(t_pts[:, i, k]).reshape(-1, 1, 2)], False,
+                          colours[i, k].tolist(), 1, cv2.LINE_AA)
     for i in range(poses.shape[0]):
         for a, b in skeleton_idx:
             if ok[i, a] and ok[i, b]:
                 cv2.line(frame, tuple(pts[i, a]), tuple(pts[i, b]), (255, 255, 255), 2, cv2.LINE_AA)
         for k in np.flatnonzero(ok[i]):
-            cv2.circle(frame, tuple(pts[i, k]), radius, colours[k].tolist(), -1, cv2.LINE_AA)
+            cv2.circle(frame, tuple(pts[i, k]), radius, colours[i, k].tolist(), -1, cv2.LINE_AA)
     return frame
 
 
@@ -85,6 +88,8 @@ def render_labeled_video(
     skel = np.array([(kp_index[a], kp_index[b]) for a, b in (skeleton or []) if a in kp_index and b in kp_index],
                     dtype=np.int64).reshape(-1, 2)
     colours = keypoint_colours(len(table.keypoints))
+    if len(table.individuals) > 1:  # several animals: a colour per identity, as DeepLabCut's color_by="individual"
+        colours = np.repeat(keypoint_colours(len(table.individuals))[:, None], len(table.keypoints), axis=1)
     radius = radius or max(2, round(min(info.width, info.height) / 120))
     with VideoWriter(out_path, info.width, info.height, info.fps, crf=crf, preset=preset) as writer:
         try:

@@ -411,10 +411,12 @@ class TopDownPredictor:
         return list(self.card.keypoints)
 
     # -- one batch of frames --------------------------------------------------------------
-    def _detect(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _detect(self, frame: np.ndarray, min_score: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes of one frame, without those scoring under ``min_score`` (default: the card's)."""
         boxes, scores = self.detector.detect(frame)
-        if self.crop.min_box_score is not None:
-            keep = scores >= self.crop.min_box_score
+        threshold = self.crop.min_box_score if min_score is None else min_score
+        if threshold is not None:
+            keep = scores >= threshold
             boxes, scores = boxes[keep], scores[keep]
         return boxes, scores
 
@@ -470,6 +472,7 @@ class TopDownPredictor:
         carry_min_likelihood: float | None = None,
         carry_margin: float = 20.0,
         keep_empty_individuals: bool = False,
+        bbox_threshold: float | None = None,
     ) -> PoseTable:
         """Poses of every animal in every frame, with identities kept across frames.
 
@@ -487,6 +490,9 @@ class TopDownPredictor:
             Identity slots (default: the card's ``max_individuals``).
         keep_empty_individuals : bool
             Keep slots that never held an animal (all-NaN columns) in the table.
+        bbox_threshold : float, optional
+            Ignore detections scoring below it (default: the card's ``min_box_score``, and
+            the detector's own score threshold always applies).
 
         Returns
         -------
@@ -516,7 +522,7 @@ class TopDownPredictor:
                     boxes, slots = [], []
                     for i, frame in enumerate(frames):
                         td = time.perf_counter()
-                        b, _ = self._detect(frame)
+                        b, _ = self._detect(frame, bbox_threshold)
                         t_detect += time.perf_counter() - td
                         s = tracker.assign(batch.start + i, b)
                         boxes.append(b[s >= 0])
@@ -531,7 +537,7 @@ class TopDownPredictor:
                         idx = batch.start + i
                         if idx % detector_every == 0:
                             td = time.perf_counter()
-                            b, _ = self._detect(frame)
+                            b, _ = self._detect(frame, bbox_threshold)
                             t_detect += time.perf_counter() - td
                             n_detector_runs += 1
                             s = tracker.assign(idx, b)
@@ -554,6 +560,7 @@ class TopDownPredictor:
                             "crops_per_s": round(n_crops / max(times.inference, 1e-9), 2)})
         meta = self._metadata(info, times, loop.done, batch_size)
         meta["top_down"] = {"detector_every": detector_every, "max_individuals": m, "individuals_found": n_keep,
+                            "bbox_threshold": bbox_threshold if bbox_threshold is not None else self.crop.min_box_score,
                             "carry_min_likelihood": min_lik, "carry_margin": carry_margin,
                             "tracking": "hungarian (1 - IoU + centre distance / box diagonal)"}
         data = finish_poses(data, meta, loop, info, pcutoff=self.card.pcutoff, allow_truncated=allow_truncated,

@@ -179,6 +179,9 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
         pcutoff: float | None = Query(None, ge=0, le=1, description="confidence cutoff for drawing"),
         trail: int | None = Query(None, ge=0, le=300),
         allow_truncated: bool | None = Query(None),
+        max_individuals: int | None = Query(None, ge=1, le=32, description="top-down models: most animals"),
+        detector_every: int | None = Query(None, ge=1, le=300, description="top-down models: detector every N frames"),
+        bbox_threshold: float | None = Query(None, ge=0, le=1, description="top-down models: lowest detection score"),
         filename: str | None = Query(None, description="name of the uploaded video (raw uploads)"),
     ) -> JSONResponse:
         """Upload a video (multipart or raw body) or name one (`s3://…` in a JSON body). Answers 202 with
@@ -187,7 +190,9 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
         filename = check_filename(filename)
         query = {k: v for k, v in dict(model=model, formats=formats, labeled_video=labeled_video,
                                        batch_size=batch_size, filter=filter, filter_window=filter_window,
-                                       pcutoff=pcutoff, trail=trail, allow_truncated=allow_truncated).items()
+                                       pcutoff=pcutoff, trail=trail, allow_truncated=allow_truncated,
+                                       max_individuals=max_individuals, detector_every=detector_every,
+                                       bbox_threshold=bbox_threshold).items()
                  if v is not None}
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "application/json":
@@ -216,8 +221,7 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
         limit = m.settings.max_upload_bytes
         check_declared_length(request.headers, limit + (MULTIPART_SLACK if multipart else 0))
         options = JobOptions(**query)
-        if options.model:
-            await run_in_threadpool(m.check_model, options.model, who)
+        await run_in_threadpool(m.check_model, options.model, who, options)  # refused before the body is read
         res = m.reserve(who)  # 429 before a byte of the body is read
         try:
             dest = m.upload_path(res, filename)

@@ -383,3 +383,63 @@ def test_bench_top_down_reports_crops_and_frames(converted, tmp_path):
     assert r["pose_model_only_crops_per_s"] > 0 and r["pose_stage_crops_per_s"] > 0 and r["detector_frames_per_s"] > 0
     assert [e["detector_every"] for e in r["end_to_end"]] == [1, 10]
     assert all(e["frames_per_s"] > 0 for e in r["end_to_end"])
+
+
+def test_top_down_jobs_through_the_service(converted, tmp_path_factory, tmp_path):
+    """A converted SuperAnimal model through a real `bentoml serve`: listed as ready, top-down options
+    refused for single-animal models before the 202, a video job with a labelled video whose h5
+    movement loads with several identities, and the image endpoint answering every animal."""
+    import av
+    import httpx
+    from movement.io import load_poses
+
+    from test_service import assert_error, auth, key_env, start_server, wait_job
+
+    clip = tmp_path / "clip.mp4"
+    with av.open(str(OPENFIELD_VIDEO)) as src, av.open(str(clip), "w") as dst:
+        out = dst.add_stream("libx264", rate=30)
+        for i, frame in enumerate(src.decode(video=0)):
+            if i == 0:
+                out.width, out.height, out.pix_fmt = frame.width, frame.height, "yuv420p"
+                first = frame.to_ndarray(format="bgr24")
+            for packet in out.encode(frame.reformat(format="yuv420p")):
+                dst.mux(packet)
+            if i == 23:
+                break
+        for packet in out.encode():
+            dst.mux(packet)
+    d = tmp_path_factory.mktemp("service-top-down")
+    srv = start_server(d / "data", {**key_env(workers=1, threads=2), "POSEZOO_CATALOG": str(converted),
+                                    "POSEZOO_CACHE": str(d / "cache")})
+    try:
+        url = f"{srv.url}/v1"
+        models = {m["name"]: m for m in httpx.get(f"{url}/models", headers=auth()).json()}
+        assert models["superanimal_topviewmouse"]["ready"] and models["superanimal_topviewmouse"]["task"] == "top_down"
+        assert not any(m["ready"] for m in models.values() if m["task"] == "detector")
+        assert_error(httpx.post(f"{url}/jobs?max_individuals=2&filename=c.mp4", headers=auth(), content=clip.read_bytes()),
+                     422, "bad_options", "top-down")
+        r = httpx.post(f"{url}/jobs", headers=auth(), content=clip.read_bytes(), params={
+            "model": "superanimal_topviewmouse", "max_individuals": 3, "detector_every": 4, "bbox_threshold": 0.5,
+            "labeled_video": "true", "formats": "h5,json", "filename": "clip.mp4"})
+        assert r.status_code == 202, r.text
+        job = wait_job(srv, r.json()["id"], timeout=600)
+        assert job["status"] == "succeeded", job
+        assert job["progress"]["frames_total"] == 24 and job["n_frames"] == 24
+        h5 = tmp_path / "clip.h5"
+        h5.write_bytes(httpx.get(f"{srv.url}{job['results']['h5']}", headers=auth()).content)
+        ds = load_poses.from_dlc_file(h5, fps=30)
+        assert ds.sizes["time"] == 24 and ds.sizes["keypoints"] == 27 and 1 <= ds.sizes["individuals"] <= 3
+        meta = httpx.get(f"{srv.url}{job['results']['meta']}", headers=auth()).json()
+        assert meta["top_down"]["detector_every"] == 4 and meta["top_down"]["bbox_threshold"] == 0.5
+        assert meta["detector"]["source"].startswith("local:") and "/" not in meta["detector"]["source"]
+        video = tmp_path / "labeled.mp4"
+        video.write_bytes(httpx.get(f"{srv.url}{job['results']['video']}", headers=auth()).content)
+        with av.open(str(video)) as c:
+            assert sum(1 for _ in c.decode(video=0)) == 24
+        ok, png = cv2.imencode(".png", first)
+        doc = httpx.post(f"{url}/predict/image?model=superanimal_topviewmouse", headers=auth(),
+                         content=png.tobytes(), timeout=120).json()
+        assert doc["individuals"] and len(doc["individuals"][0]["keypoints"]) == 27, doc
+        assert doc["keypoints"] == doc["individuals"][0]["keypoints"]
+    finally:
+        srv.stop()

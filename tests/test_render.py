@@ -47,3 +47,18 @@ def test_odd_input_size_gives_even_output_with_same_frames_and_rate(tmp_path):
     (codec, pix_fmt, w, h, rate), frames = read_frames(out)
     assert (w, h, len(frames), pix_fmt) == (162, 122, 12, "yuv420p")
     assert float(rate) == pytest.approx(30000 / 1001, rel=1e-4)
+
+
+def test_several_animals_are_coloured_by_identity():
+    import numpy as np
+
+    from posezoo.render import draw_poses, keypoint_colours
+
+    poses = np.array([[[10, 10, 1.0], [30, 10, 1.0]], [[10, 40, 1.0], [30, 40, 1.0]]], np.float32)  # 2 x 2 kp
+    by_animal = np.repeat(keypoint_colours(2)[:, None], 2, axis=1)
+    frame = draw_poses(np.zeros((60, 60, 3), np.uint8), poses, by_animal, np.zeros((0, 2), np.int64), pcutoff=0.5)
+    assert (frame[10, 10] == frame[10, 30]).all() and (frame[40, 10] == frame[40, 30]).all()
+    assert not (frame[10, 10] == frame[40, 10]).all()
+    per_keypoint = draw_poses(np.zeros((60, 60, 3), np.uint8), poses, keypoint_colours(2), np.zeros((0, 2), np.int64),
+                              pcutoff=0.5)
+    assert not (per_keypoint[10, 10] == per_keypoint[10, 30]).all()

@@ -23,7 +23,7 @@ import pytest
 from conftest import OPENFIELD_FRAMES, REPO, TINY
 from s3server import free_port
 
-KEYS = {"alice": "alice-token-0123456789", "bob": "bob-token-9876543210"}
+KEYS = {"alice": "alice-token-0123456789", "bob": "bob-token-9876543210", "carol": "carol-token-5555555555"}
 MB = 1 << 20
 
 

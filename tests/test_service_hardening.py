@@ -13,7 +13,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -24,32 +23,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY
-from test_service import MB, PeakRss, assert_error, start_server
+from test_service import KEYS, MB, PeakRss, assert_error, auth, key_env, start_server, wait_job
 
-KEYS = {"alice": "alice-token-0123456789", "bob": "bob-token-9876543210", "carol": "carol-token-5555555555"}
 RSS_BUDGET = 500 * MB
-
-
-def auth(who: str = "alice") -> dict[str, str]:
-    return {"Authorization": f"Bearer {KEYS[who]}"}
-
-
-def wait_job(server, job_id: str, who: str = "alice", timeout: float = 120) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        job = httpx.get(f"{server.url}/v1/jobs/{job_id}", headers=auth(who), timeout=10).json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not finish in {timeout}s: {job}")
-
-
-def keys_env(**settings) -> dict[str, str]:
-    from posezoo.service_config import hash_api_key
-
-    env = {"POSEZOO_SERVICE_API_KEYS": json.dumps({k: hash_api_key(v) for k, v in KEYS.items()})}
-    env.update({f"POSEZOO_SERVICE_{k.upper()}": str(v) for k, v in settings.items()})
-    return env
 
 
 # -- crafted inputs --------------------------------------------------------------------------
@@ -151,7 +127,7 @@ def server(tmp_path_factory, s3):
     """One worker, a queue of four (a key's share: three), results in S3, uploads cut off after
     3 s of silence or below 4 kB/s once 2 s have passed."""
     d = tmp_path_factory.mktemp("hardening")
-    srv = start_server(d / "data", {**s3.env(), **keys_env(
+    srv = start_server(d / "data", {**s3.env(), **key_env(
         workers=1, queue_size=4, threads=2, retry_after_s=1, max_upload_bytes=40 * MB,
         results_s3_uri=f"s3://{s3.bucket}/results", upload_idle_timeout_s=3, upload_min_rate=4000,
         upload_rate_grace_s=2)})
@@ -361,7 +337,7 @@ def test_metrics_are_emitted_once_and_per_server(server, tmp_path, mouse):
     names = families(text)
     assert names and len(names) == len(set(names)), names
     # a second server with the same BENTOML_HOME (so the same multiprocess directory) counts its own jobs only
-    other = start_server(server.data_dir.parent / "other-data", keys_env(workers=1))
+    other = start_server(server.data_dir.parent / "other-data", key_env(workers=1))
     try:
         r = httpx.post(f"{other.url}/v1/jobs?filename=m.mp4", headers=auth(), content=mouse.read_bytes())
         assert wait_job(other, r.json()["id"])["status"] == "succeeded"
@@ -391,7 +367,7 @@ def test_results_hold_no_server_paths(server, mouse):
 
 def test_a_second_server_on_the_same_data_directory_exits(server):
     env = {**os.environ, "POSEZOO_SERVICE_DATA_DIR": str(server.data_dir), "HF_HUB_OFFLINE": "1",
-           "BENTOML_DO_NOT_TRACK": "True", **keys_env()}
+           "BENTOML_DO_NOT_TRACK": "True", **key_env()}
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "bentoml", "serve", "service.service:PoseZoo", "--host", "127.0.0.1",
                         "--port", "0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -415,7 +391,7 @@ def test_a_worker_does_not_outlive_its_server(tmp_path_factory):
     import psutil
 
     d = tmp_path_factory.mktemp("orphan")
-    srv = start_server(d / "data", keys_env(workers=1))
+    srv = start_server(d / "data", key_env(workers=1))
     workers = psutil.Process(srv.proc.pid).children(recursive=True)
     assert workers
     os.kill(srv.proc.pid, signal.SIGKILL)  # bentoml serve dies; its worker is left alone
@@ -424,7 +400,7 @@ def test_a_worker_does_not_outlive_its_server(tmp_path_factory):
     for p in alive:
         p.kill()
     assert not alive, f"orphan worker(s) {[p.pid for p in alive]} still running"
-    again = start_server(d / "data", keys_env(workers=1))  # the lock was given back
+    again = start_server(d / "data", key_env(workers=1))  # the lock was given back
     try:
         assert httpx.get(f"{again.url}/readyz").status_code == 200
     finally:

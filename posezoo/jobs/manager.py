@@ -25,7 +25,6 @@ import re
 import shutil
 import threading
 import time
-import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from ..errors import (
     ZooError,
 )
 from ..service_config import ServiceSettings
-from .models import FinetuneOptions, JobOptions, JobRecord, Progress, ResultFile
+from .models import TOP_DOWN_OPTIONS, FinetuneOptions, JobOptions, JobRecord, Progress, ResultFile
 from .storage import ResultStore, SourceError, Sources, normalise_source_uri, s3_client, split_s3_uri
 
 log = logging.getLogger("posezoo.jobs")
@@ -365,16 +364,33 @@ class JobManager:
             msg = re.sub(r" \(`posezoo zoo list`[^)]*\)", "", str(exc))
             raise UnknownModelError(f"{msg} (GET /v1/models lists the models)", exc.suggestions) from None
 
-    def check_model(self, spec: str | None, owner: str | None = None) -> str:
-        """``name@version`` of the model a job asks for; refuses unknown or unusable ones."""
+    def check_model(self, spec: str | None, owner: str | None = None, options: JobOptions | None = None) -> str:
+        """``name@version`` of the model a job asks for; refuses unknown or unusable ones, and
+        top-down options (``max_individuals``...) for a model that is not top-down."""
         spec = spec or self.settings.model_default
         card, _ = self._served_card(spec, owner)
-        if not card.artefact.published:
-            raise ArtefactNotPublishedError(f"{card.ref}: the ONNX artefact of this model is not published yet; "
-                                            "choose a model that /v1/models marks as ready")
-        if card.task != "single_animal":
-            raise ZooError(f"{card.ref}: {card.task} models are not served by video jobs yet")
+        if not self._servable(card, owner):
+            raise ArtefactNotPublishedError(f"{card.ref}: the ONNX artefact of this model (or of its detector) is not "
+                                            "published yet; choose a model that /v1/models marks as ready")
+        if card.task not in ("single_animal", "top_down"):
+            raise ZooError(f"{card.ref}: a {card.task} model finds boxes, not poses; choose a pose model")
+        if options is not None and card.task != "top_down":
+            given = [k for k in TOP_DOWN_OPTIONS if getattr(options, k) is not None]
+            if given:
+                raise InputError(f"{', '.join(given)}: only top-down (multi-animal) models take these options; "
+                                 f"{card.ref} is a single-animal model")
         return card.ref
+
+    def _servable(self, card, owner: str | None = None) -> bool:
+        """Whether a pose card can be served now: its artefact, and a top-down card's detector's."""
+        if not card.artefact.published:
+            return False
+        if card.task != "top_down":
+            return True
+        try:
+            return self.zoo_for(owner).card(card.detector).artefact.published
+        except PosezooError:
+            return False
 
     def predictor(self, spec: str, owner: str | None = None):
         """A cached :class:`~posezoo.predictor.PosePredictor` (loaded once per model)."""
@@ -395,8 +411,13 @@ class JobManager:
                 p = self._predictors.get(ref)
             if p is None:
                 r = zoo.resolve(ref.split("#", 1)[0])
-                p = PosePredictor(r.card, r.path, device=self.settings.device, threads=self.settings.ort_threads,
-                                  source=r.source, sha256=r.card.artefact.sha256)
+                if r.card.task == "top_down":  # detector + crops
+                    from ..topdown import load_top_down
+
+                    p = load_top_down(r, zoo, device=self.settings.device, threads=self.settings.ort_threads)
+                else:
+                    p = PosePredictor(r.card, r.path, device=self.settings.device, threads=self.settings.ort_threads,
+                                      source=r.source, sha256=r.card.artefact.sha256)
                 with self._lock:
                     self._predictors[ref] = p
         return p
@@ -420,8 +441,8 @@ class JobManager:
             if c.ref in own:
                 continue
             out.append({"name": c.name, "version": c.version, "ref": c.ref, "species": c.species, "task": c.task,
-                        "keypoints": c.keypoints, "aliases": c.aliases, "ready": c.artefact.published
-                        and c.task == "single_animal", "default": c.ref == self._default_ref()})
+                        "keypoints": c.keypoints, "aliases": c.aliases,
+                        "ready": c.task != "detector" and self._servable(c, owner), "default": c.ref == self._default_ref()})
         return out
 
     def _default_ref(self) -> str | None:
@@ -519,7 +540,7 @@ class JobManager:
     def submit_upload(self, res: Reservation, options: JobOptions, path: Path, filename: str | None,
                       nbytes: int) -> JobRecord:
         """Validate an uploaded video and queue its job (422 for a file that is not a good video)."""
-        model = self.check_model(options.model, res.owner)
+        model = self.check_model(options.model, res.owner, options)
         if nbytes == 0:
             raise VideoError(f"{filename or 'the upload'}: file is empty (0 bytes)")
         try:
@@ -542,7 +563,7 @@ class JobManager:
 
     def submit_uri(self, res: Reservation, options: JobOptions, uri: str) -> JobRecord:
         """Queue a job on an ``s3://`` (or allowed ``https://``) source, checked now."""
-        model = self.check_model(options.model, res.owner)
+        model = self.check_model(options.model, res.owner, options)
         uri = normalise_source_uri(uri)  # what is checked below is exactly what the worker fetches
         if self.results.in_s3 and self.results.holds(uri):
             raise SourceError("s3:// sources may not name the server's results", status=403, code="forbidden_source")
@@ -577,6 +598,9 @@ class JobManager:
         base = self.check_model(options.base_model, res.owner)
         zoo = self.zoo_for(res.owner)
         card = zoo.card(base)
+        if card.task != "single_animal":
+            raise InputError(f"{card.ref} is a {card.task} model; fine-tune jobs train single-animal models: "
+                             "choose one as base_model")
         root = zip_path.parent / "labelled"
         shutil.rmtree(root, ignore_errors=True)
         extracted = extract_zip(zip_path, root, zip_limits(self.settings))
@@ -723,17 +747,22 @@ class JobManager:
             if img.shape[0] * img.shape[1] > pixels:  # the decoder disagrees with the header
                 raise VideoError("the image decodes larger than its header says")
             t0 = time.perf_counter()
-            kp = p.predict_images(img, colour_order="BGR")[0, 0]
+            poses = p.predict_images(img, colour_order="BGR")[0]  # (n_individuals, n_keypoints, 3)
             dt = time.perf_counter() - t0
             del img
         finally:
             self._image_pixels.release(pixels)
-        return {
-            "model": p.card.ref, "width": width, "height": height,
-            "keypoints": [{"name": n, "x": _num(x), "y": _num(y), "likelihood": _num(lk)}
-                          for n, (x, y, lk) in zip(p.keypoints, kp.tolist())],
-            "pcutoff": p.card.pcutoff, "inference_s": round(dt, 4),
-        }
+
+        def keypoints(kp) -> list[dict]:
+            return [{"name": n, "x": _num(x), "y": _num(y), "likelihood": _num(lk)}
+                    for n, (x, y, lk) in zip(p.keypoints, kp.tolist())]
+
+        doc = {"model": p.card.ref, "width": width, "height": height, "keypoints": keypoints(poses[0]),
+               "pcutoff": p.card.pcutoff, "inference_s": round(dt, 4)}
+        if p.card.task == "top_down":  # every animal found (best detection first); "keypoints" is the first
+            found = [i for i in range(len(poses)) if np.isfinite(poses[i, :, 2]).any()]
+            doc["individuals"] = [{"name": f"animal{i}", "keypoints": keypoints(poses[i])} for i in found]
+        return doc
 
     # -- the worker -------------------------------------------------------------------------
     def _worker(self, jobs: "queue.Queue[str | None] | None" = None, kind: str = "video") -> None:
@@ -745,7 +774,7 @@ class JobManager:
             try:
                 self._run(job_id)
             except BaseException:  # never let a worker thread die
-                log.error("job %s: unexpected error in the worker:\n%s", job_id, traceback.format_exc())
+                log.error("job %s: unexpected error in the worker", job_id, exc_info=True)
             finally:
                 with self._lock:
                     rec = self._live.pop(job_id, None)
@@ -799,7 +828,7 @@ class JobManager:
             _, code = error_code(exc)
             self._finish(rec, "failed", {"error": code, "detail": one_line(self._scrub(str(exc), rec))})
         except Exception as exc:
-            log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+            log.error("job %s failed", job_id, exc_info=True)  # the traceback keeps its lines (see service.process)
             detail = one_line(self._scrub(f"{type(exc).__name__}: {exc}", rec), 200)
             self._finish(rec, "failed", {"error": "internal_error",
                                          "detail": f"internal error ({detail}); the server log has the details"})
@@ -876,9 +905,12 @@ class JobManager:
         predictor = self.predictor(rec.model, rec.owner)
         tracker.start(rec.n_frames or 0, 2 if opts.labeled_video else 1)
         tracker.stage("predicting")
+        top_down = {} if predictor.card.task != "top_down" else {
+            "max_individuals": opts.max_individuals, "detector_every": opts.detector_every or 1,
+            "bbox_threshold": opts.bbox_threshold}
         table = predictor.predict_video(
             video, batch_size=opts.batch_size, progress=tracker.frames, filter=opts.filter,
-            filter_window=opts.filter_window, allow_truncated=opts.allow_truncated,
+            filter_window=opts.filter_window, allow_truncated=opts.allow_truncated, **top_down,
         )
         tracker.check()
         rec.n_frames = table.n_frames

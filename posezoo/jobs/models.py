@@ -28,6 +28,10 @@ RESULT_KINDS: dict[str, tuple[str, str]] = {
 }
 
 
+#: Job options that only top-down (detector + pose) models take.
+TOP_DOWN_OPTIONS = ("max_individuals", "detector_every", "bbox_threshold")
+
+
 class JobOptions(BaseModel):
     """Options of a video job (query string, form fields or JSON body)."""
 
@@ -42,6 +46,14 @@ class JobOptions(BaseModel):
     pcutoff: float | None = Field(None, ge=0, le=1, description="confidence cutoff for drawing (default: the card's)")
     trail: int = Field(0, ge=0, le=300, description="trail length in frames drawn in the labelled video")
     allow_truncated: bool = Field(False, description="on a truncated video keep the frames that decoded")
+    # top-down (multi-animal) models only
+    max_individuals: int | None = Field(None, ge=1, le=32, description="top-down models: most animals tracked "
+                                                                        "(default: the card's)")
+    detector_every: int | None = Field(None, ge=1, le=300, description="top-down models: run the detector every N "
+                                                                       "frames, carry boxes from poses in between "
+                                                                       "(default 1)")
+    bbox_threshold: float | None = Field(None, ge=0, le=1, description="top-down models: ignore detections "
+                                                                       "scoring below this")
 
     @field_validator("formats", mode="before")
     @classmethod
