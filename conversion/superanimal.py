@@ -327,6 +327,11 @@ def _provenance(dataset: str, model: str, base, *, filename, locations, sha256, 
     )
 
 
+def _zoo_place(base) -> dict:
+    """The catalog's view, speed class and priority of a model (what species-first selection reads)."""
+    return {"view": base.view, "speed": base.speed, "priority": base.priority} if base else {}
+
+
 def pose_card(dataset: str, pose_model: str, detector: str, *, filename: str | None = None,
               locations: list[str] | None = None, sha256: str | None = None, n_bytes: int | None = None,
               revision: str | None = None, kp: list[str] | None = None, notes: str | None = None):
@@ -343,7 +348,7 @@ def pose_card(dataset: str, pose_model: str, detector: str, *, filename: str | N
     return ModelCard(
         name=name, version=VERSION,
         description=(base.description if base else f"SuperAnimal-{dataset} ({pose_model}), top-down."),
-        species=species, aliases=list(base.aliases) if base else [], task="top_down",
+        species=species, aliases=list(base.aliases) if base else [], task="top_down", **_zoo_place(base),
         detector=f"{card_name(dataset, detector)}@{VERSION}", max_individuals=MAX_INDIVIDUALS,
         keypoints=kp, skeleton=list(base.skeleton) if base else [],
         input=InputSpec(size=(256, 256), resize="stretch", colour_order="RGB", pixel_range=255.0,
@@ -369,7 +374,7 @@ def detector_card(dataset: str, detector: str, *, filename: str | None = None, l
     return ModelCard(
         name=name, version=VERSION,
         description=(base.description if base else f"Animal detector of SuperAnimal-{dataset} ({detector})."),
-        species=list(base.species) if base else ["animal"], aliases=[], task="detector",
+        species=list(base.species) if base else ["animal"], aliases=[], task="detector", **_zoo_place(base),
         max_individuals=MAX_INDIVIDUALS, keypoints=[],
         input=InputSpec(size="any", resize="letterbox", pad_to=1, colour_order="RGB", pixel_range=255.0,
                         mean=IMAGENET_MEAN, std=IMAGENET_STD, input_name="image"),

@@ -146,6 +146,12 @@ class ModelCard(_Strict):
     version: str = Field(pattern=r"^[0-9A-Za-z.\-+]+$")
     description: str = ""
     species: list[str]
+    #: camera view the model was trained for ("top", "side", "face", ...; "any" for detectors)
+    view: str = "any"
+    #: speed class on a CPU: "fast" (hundreds of frames/s), "medium", "slow" (a few frames/s)
+    speed: Literal["fast", "medium", "slow"] | None = None
+    #: among the ready models of a species and view, the highest priority is recommended
+    priority: int = 0
     aliases: list[str] = Field(default_factory=list)
     task: Task = "single_animal"
     detector: str | None = None

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import PosezooError
+from .errors import InputError, PosezooError
 from .table import FORMATS
 
 
@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="predict poses on videos")
     pr.add_argument("videos", nargs="+", metavar="VIDEO")
     pr.add_argument("--model", default="default", help="name[@version], alias, or card.yaml (default: the bundled model)")
+    pr.add_argument("--species", default=None, help="instead of --model: the zoo's recommended ready model for this "
+                                                    "species (mouse, dog, horse, primate, ...)")
+    pr.add_argument("--view", default=None, help="with --species: camera view (top, side, face)")
     pr.add_argument("--out", default=".", help="output directory (default: current)")
     pr.add_argument("--format", type=_formats, default=["h5", "csv"], help=f"comma-separated: {','.join(FORMATS)}")
     pr.add_argument("--labeled-video", action="store_true", help="also write <video>_labeled.mp4 (H.264)")
@@ -90,16 +93,19 @@ def _zoo_cmd(args) -> int:
     if args.zoo_command == "list":
         cards = zoo.cards(all_versions=args.all)
         if args.json:
-            print(json.dumps([{"name": c.name, "version": c.version, "species": c.species, "task": c.task,
-                               "keypoints": c.n_keypoints, "published": c.artefact.published,
-                               "aliases": c.aliases} for c in cards], indent=2))
+            print(json.dumps([{"name": c.name, "version": c.version, "species": c.species, "view": c.view,
+                               "task": c.task, "keypoints": c.n_keypoints, "speed": c.speed,
+                               "published": c.artefact.published, "ready": zoo.ready(c), "aliases": c.aliases}
+                              for c in cards], indent=2))
             return 0
         width = max([len(c.name) for c in cards] + [4])
-        print(f"{'name':{width}s} {'version':9s} {'task':13s} {'kp':>3s}  {'species':22s} status")
+        print(f"{'name':{width}s} {'version':9s} {'task':13s} {'species':18s} {'view':5s} {'kp':>3s} {'speed':6s} status")
         for c in cards:
-            status = "ready" if c.artefact.published else "not published yet"
+            status = "ready" if zoo.ready(c) else ("not published yet" if not c.artefact.published
+                                                   else "detector not published yet")
             kp = str(c.n_keypoints) if c.keypoints else ("-" if c.task == "detector" else "?")
-            print(f"{c.name:{width}s} {c.version:9s} {c.task:13s} {kp:>3s}  {','.join(c.species)[:22]:22s} {status}")
+            print(f"{c.name:{width}s} {c.version:9s} {c.task:13s} {','.join(c.species)[:18]:18s} {c.view:5s} "
+                  f"{kp:>3s} {c.speed or '-':6s} {status}")
         return 0
     if args.zoo_command == "show":
         import yaml
@@ -115,7 +121,20 @@ def _predict_cmd(args) -> int:
     from .predictor import load
     from .render import render_labeled_video
 
-    predictor = load(args.model, device=args.device, threads=args.threads)
+    from .predictor import fit_warning
+    from .zoo import default_zoo
+
+    model = args.model
+    if args.species:
+        if args.model != "default":
+            raise InputError("give --model or --species, not both")
+        card = default_zoo().recommend(args.species, args.view)
+        model = card.ref
+        print(f"posezoo: {args.species}{f' ({args.view} view)' if args.view else ''}: using {card.ref} "
+              f"({card.view} view, {card.n_keypoints} keypoints, {card.speed or '?'})", file=sys.stderr)
+    elif args.view:
+        raise InputError("--view goes with --species")
+    predictor = load(model, device=args.device, threads=args.threads)
     out = Path(args.out)
     failures = 0
     for video in args.videos:
@@ -143,6 +162,9 @@ def _predict_cmd(args) -> int:
         t = table.metadata["timings"]
         print(f"{video}: {table.n_frames} frames, {t['fps']:.1f} frames/s, providers {','.join(predictor.providers)}"
               f" -> {', '.join(str(p) for k, p in paths.items() if k != 'meta')}")
+        warning = fit_warning(predictor.card, table.metadata.get("fit", {}))
+        if warning:
+            print(f"posezoo: warning: {video}: {warning}", file=sys.stderr)
         if "truncated" in table.metadata:
             print(f"posezoo: error: {table.metadata['truncated']['error']}; results cover the "
                   f"{table.n_frames} frames that decoded", file=sys.stderr)

@@ -107,7 +107,48 @@ def finish_poses(data: np.ndarray, meta: dict, loop: FrameLoop, info, *, pcutoff
         meta["filter"] = {"method": filter, "window": filter_window}
     diag = float(np.hypot(info.width, info.height))
     meta["outliers"] = outlier_frames(data, pcutoff, max_jump or 0.05 * diag)
+    meta["fit"] = model_fit(data, pcutoff)
     return data
+
+
+#: A video "fits" a model when at least this share of its frames has an animal with at
+#: least half of its keypoints over the cutoff.
+MIN_CONFIDENT_FRAMES = 0.5
+
+
+def model_fit(data: np.ndarray, pcutoff: float) -> dict:
+    """How well a model's confidence says it fits a video.
+
+    Parameters
+    ----------
+    data : ndarray, shape (n_frames, n_individuals, n_keypoints, 3)
+    pcutoff : float
+
+    Returns
+    -------
+    dict
+        ``confident_frames``: share of frames where some animal has at least half of its
+        keypoints at ``pcutoff`` or above; ``fits``: whether that is at least
+        :data:`MIN_CONFIDENT_FRAMES`.
+    """
+    if data.shape[0] == 0 or data.shape[2] == 0:
+        return {"confident_frames": 0.0, "fits": False, "pcutoff": float(pcutoff)}
+    confident = np.nan_to_num(data[..., 2], nan=0.0) >= pcutoff  # (frames, individuals, keypoints)
+    share = float((confident.mean(axis=2) >= 0.5).any(axis=1).mean())
+    return {"confident_frames": round(share, 4), "fits": share >= MIN_CONFIDENT_FRAMES, "pcutoff": float(pcutoff)}
+
+
+def fit_warning(card: ModelCard, fit: dict, zoo: Zoo | None = None) -> str | None:
+    """A one-line warning when the video does not look like what ``card`` was trained on,
+    naming its species and view and the zoo's ready alternatives; ``None`` when it fits."""
+    if not fit or fit.get("fits", True):
+        return None
+    zoo = zoo or default_zoo()
+    others = [f"{c.name} ({'/'.join(c.species)}, {c.view} view)" for c in zoo.alternatives(card)[:4]]
+    return (f"{card.ref} is a {'/'.join(card.species)} model ({card.view} view) and it is confident on only "
+            f"{fit['confident_frames']:.0%} of the frames: the video may show another species or view"
+            + (f"; other ready models: {', '.join(others)}" if others else "")
+            + " (posezoo zoo list shows every model)")
 
 
 class PosePredictor:

@@ -204,6 +204,63 @@ class Zoo:
         return self.cache_dir / "converted"
 
     # -- artefacts ------------------------------------------------------------------------
+    # -- species-first selection ----------------------------------------------------------
+    def ready(self, card: ModelCard) -> bool:
+        """Whether ``card`` can run now: its artefact is published (a top-down card's
+        detector's too). A local cache may still have to fetch it."""
+        if not card.artefact.published:
+            return False
+        if card.task == "top_down":
+            try:
+                return self.card(card.detector).artefact.published
+            except ZooError:
+                return False
+        return True
+
+    def how_to_get(self, card: ModelCard) -> str:
+        """What a user runs to make ``card`` ready (one sentence)."""
+        if self.ready(card):
+            return "ready"
+        up = card.upstream
+        if up is not None and up.kind == "huggingface" and (up.filename or "").endswith(".pt"):
+            # DeepLabCut 3 PyTorch checkpoints (SuperAnimal): the conversion extra converts them
+            return (f"pip install 'posezoo[conversion]' && posezoo zoo pull {card.name}  "
+                    "(a network is needed once, for DeepLabCut's checkpoint)")
+        return ("not convertible by this posezoo yet (DeepLabCut's TensorFlow model zoo); "
+                "it becomes ready when its ONNX artefact is published")
+
+    def recommend(self, species: str, view: str | None = None) -> ModelCard:
+        """The catalog's recommended ready pose model for ``species`` (and ``view``):
+        ready models first, then the highest ``priority``.
+
+        Raises
+        ------
+        UnknownModelError
+            No model of the catalog is for this species (and view).
+        ArtefactNotPublishedError
+            Models exist but none is ready; the message says how to get each.
+        """
+        sp = species.strip().lower()
+        cands = [c for c in self.cards() if c.task != "detector" and sp in [x.lower() for x in c.species]
+                 and (view is None or c.view in (view, "any"))]
+        if not cands:
+            known = sorted({x for c in self.cards() if c.task != "detector" for x in c.species})
+            where = f" seen from the {view}" if view else ""
+            raise UnknownModelError(f"no model of the zoo is for {species!r}{where}; species: {', '.join(known)}",
+                                    known)
+        ready = sorted((c for c in cands if self.ready(c)), key=lambda c: -c.priority)
+        if ready:
+            return ready[0]
+        cands.sort(key=lambda c: -c.priority)
+        ways = "; ".join(f"{c.name} ({c.view} view): {self.how_to_get(c)}" for c in cands)
+        raise ArtefactNotPublishedError(f"no {species} model is ready yet. {ways}")
+
+    def alternatives(self, card: ModelCard) -> list[ModelCard]:
+        """Ready pose models for other species or views than ``card``'s (best first)."""
+        return sorted((c for c in self.cards() if c.task != "detector" and c.name != card.name and self.ready(c)
+                       and (set(c.species) != set(card.species) or c.view != card.view)),
+                      key=lambda c: -c.priority)
+
     def pull(self, spec: str, *, convert: bool = True) -> list[ResolvedModel]:
         """Resolve ``spec`` (and the detector of a top-down model) into the local cache.
 
@@ -247,9 +304,8 @@ class Zoo:
                 src = f" (upstream DeepLabCut checkpoint: {card.upstream.repo_id or card.upstream.url}"
                 src += f"/{card.upstream.filename})" if card.upstream.filename else ")"
             raise ArtefactNotPublishedError(
-                f"{card.ref}: the ONNX artefact of this model is not published yet{src}; "
-                "it has to be converted from that checkpoint and published first; "
-                "meanwhile use a model that `posezoo zoo list` marks as ready"
+                f"{card.ref}: the ONNX artefact of this model is not published yet{src}; to get it: "
+                f"{self.how_to_get(card)}; meanwhile use a model that `posezoo zoo list` marks as ready"
             )
         failures: list[ZooError] = []
         for location in art.locations:

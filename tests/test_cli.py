@@ -33,6 +33,7 @@ def test_predict_real_openfield_video_all_outputs(openfield_video, tmp_path):
     r = posezoo("predict", openfield_video, "--out", tmp_path, "--format", "h5,csv,json,parquet",
                 "--labeled-video", "--no-progress")
     assert r.returncode == 0, r.stderr
+    assert "warning" not in r.stderr, r.stderr  # the mouse model fits the mouse video
     assert f"{OPENFIELD_FRAMES} frames" in r.stdout and "CPUExecutionProvider" in r.stdout
     stem = "m3v1mp4_posezoo_mouse"  # the bundled default model, trained on the openfield labels
     ds = load_poses.from_dlc_file(tmp_path / f"{stem}.h5", fps=30)
@@ -119,3 +120,44 @@ def test_bench_reports_every_figure(mouse_video):
     assert res["frames"] == 60 and res["frames_tenth"] == 6
     r = posezoo("bench", "--video", path, "--no-rss", "--frames", "20")
     assert r.returncode == 0 and "pipeline efficiency" in r.stdout and "20 frames" in r.stdout
+
+
+def test_species_first_model_choice(openfield_video, tmp_path):
+    r = posezoo("predict", openfield_video, "--species", "mouse", "--view", "top", "--max-frames", "30",
+                "--out", tmp_path, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "using posezoo_mouse@1.1.0" in r.stderr and (tmp_path / "m3v1mp4_posezoo_mouse.h5").exists()
+    # no ready dog model here: the message says exactly what to run for each candidate
+    assert_one_line_error(posezoo("predict", openfield_video, "--species", "dog", "--out", tmp_path),
+                          "no dog model is ready", "pip install 'posezoo[conversion]' && posezoo zoo pull "
+                          "superanimal_quadruped", "full_dog")
+    assert_one_line_error(posezoo("predict", openfield_video, "--species", "cat"), "no model of the zoo", "mouse")
+    assert_one_line_error(posezoo("predict", openfield_video, "--species", "mouse", "--model", "posezoo_mouse"),
+                          "not both")
+    listed = {m["name"]: m for m in json.loads(posezoo("zoo", "list", "--json").stdout)}
+    assert listed["posezoo_mouse"]["view"] == "top" and listed["posezoo_mouse"]["speed"] == "fast"
+    assert listed["posezoo_mouse"]["ready"] and not listed["superanimal_quadruped"]["ready"]
+    table = posezoo("zoo", "list").stdout
+    assert "view" in table.splitlines()[0] and "speed" in table.splitlines()[0]
+
+
+def test_a_model_that_does_not_fit_the_video_warns(tmp_path):
+    """The mouse model on a video of something else (here: noise) still answers, with a warning
+    naming its species and view."""
+    video = tmp_path / "noise.mp4"
+    rng = np.random.default_rng(0)
+    with av.open(str(video), "w") as c:
+        s = c.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = 320, 240, "yuv420p"
+        for _ in range(20):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8), format="rgb24")
+            for packet in s.encode(frame):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    r = posezoo("predict", video, "--model", "posezoo_mouse", "--out", tmp_path, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    warning = [line for line in r.stderr.splitlines() if line.startswith("posezoo: warning:")]
+    assert len(warning) == 1 and "mouse model (top view)" in warning[0] and "another species or view" in warning[0]
+    meta = json.loads((tmp_path / "noise_posezoo_mouse.meta.json").read_text())
+    assert meta["fit"]["fits"] is False and meta["fit"]["confident_frames"] < 0.5

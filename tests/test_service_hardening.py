@@ -405,3 +405,28 @@ def test_a_worker_does_not_outlive_its_server(tmp_path_factory):
         assert httpx.get(f"{again.url}/readyz").status_code == 200
     finally:
         again.stop()
+
+
+def test_a_model_that_does_not_fit_the_video_says_so_in_the_job(server, tmp_path):
+    """The mouse model on a video of noise: the job succeeds, its notes and metadata warn and name
+    the model's species and view."""
+    import av
+
+    video = tmp_path / "noise.mp4"
+    rng = np.random.default_rng(0)
+    with av.open(str(video), "w") as c:
+        s = c.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = 320, 240, "yuv420p"
+        for _ in range(10):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8), format="rgb24")
+            for packet in s.encode(frame):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    r = httpx.post(f"{server.url}/v1/jobs?model=posezoo_mouse&filename=noise.mp4", headers=auth(),
+                   content=video.read_bytes())
+    job = wait_job(server, r.json()["id"])
+    assert job["status"] == "succeeded", job
+    assert any("mouse model (top view)" in n for n in job["notes"]), job["notes"]
+    meta = httpx.get(f"{server.url}{job['results']['meta']}", headers=auth(), follow_redirects=True).json()
+    assert meta["fit"]["fits"] is False and "another species or view" in meta["fit"]["warning"]

@@ -917,6 +917,12 @@ class JobManager:
         self._metrics.frames.inc(table.n_frames)
         name = Path(src.get("filename") or "video").stem or "video"
         meta = self._public_metadata(table.metadata, rec, video)
+        from ..predictor import fit_warning
+
+        warning = fit_warning(predictor.card, meta.get("fit", {}), self.zoo_for(rec.owner))
+        if warning:  # the job still succeeds: the user decides
+            meta["fit"]["warning"] = warning
+            rec.notes.append(f"warning: {warning}")
         meta["video"] = {**meta.get("video", {}), "path": src.get("filename") or src.get("uri")}
         meta["job"] = {"id": rec.id, "model": rec.model, "options": opts.model_dump(mode="json"),
                        "source": src, "created_at": rec.created_at, "attempts": rec.attempts}
