@@ -86,6 +86,68 @@ def decode_heatmaps(
     return np.stack([x, y, conf], axis=-1).astype(np.float32, copy=False)
 
 
+def decode_simcc(
+    simcc_x: np.ndarray,
+    simcc_y: np.ndarray,
+    *,
+    split_ratio: float = 2.0,
+    apply_softmax: bool = True,
+    normalize: bool = False,
+    sigma: float | tuple[float, float] = 6.0,
+    beta: float = 150.0,
+) -> np.ndarray:
+    """Decode SimCC coordinate classifications (RTMPose heads) to keypoints.
+
+    DeepLabCut's (and mmpose's) rule, per keypoint: scale the logits by ``sigma * beta``
+    (or normalise them by their maximum), optionally softmax each axis, take each axis's
+    argmax ``ix``, ``iy`` as ``x = ix / split_ratio``, ``y = iy / split_ratio``, and the
+    smaller of the two maxima as the score. A keypoint whose score is not above chance
+    (``1 / n_bins`` after the softmax, 0 without it) has no position (NaN).
+
+    Parameters
+    ----------
+    simcc_x : ndarray, shape (n_images, n_keypoints, n_bins_x)
+    simcc_y : ndarray, shape (n_images, n_keypoints, n_bins_y)
+    split_ratio : float
+        Bins per input pixel (SimCC's ``k``).
+    apply_softmax, normalize : bool
+        As DeepLabCut's ``SimCCPredictor`` (``normalize_outputs``).
+    sigma : float or (float, float)
+        ``(sigma_x, sigma_y)`` of the training labels; with ``beta`` the logit scale.
+    beta : float
+
+    Returns
+    -------
+    ndarray, shape (n_images, n_keypoints, 3)
+        ``x, y`` in network-input pixels and the score, float32.
+    """
+    sx, sy = np.asarray(simcc_x, np.float64), np.asarray(simcc_y, np.float64)
+    if sx.ndim != 3 or sy.ndim != 3 or sx.shape[:2] != sy.shape[:2]:
+        raise InputError(f"SimCC outputs must be (n, k, bins) with the same (n, k), got {sx.shape} and {sy.shape}")
+    sig_x, sig_y = (sigma, sigma) if np.isscalar(sigma) else sigma
+    if normalize:  # each row over its maximum where that is above 1 (mmpose's get_simcc_normalized)
+        def norm(a):
+            a = np.clip(a, 0, None)
+            peak = a.max(axis=-1, keepdims=True)
+            return np.where(peak > 1, a / np.where(peak > 0, peak, 1), a)
+
+        sx, sy = norm(sx), norm(sy)
+    else:
+        sx, sy = sx * (sig_x * beta), sy * (sig_y * beta)
+    if apply_softmax:
+        def softmax(a):
+            e = np.exp(a - a.max(axis=-1, keepdims=True))
+            return e / e.sum(axis=-1, keepdims=True)
+
+        sx, sy = softmax(sx), softmax(sy)
+    ix, iy = sx.argmax(axis=-1), sy.argmax(axis=-1)
+    score = np.minimum(sx.max(axis=-1), sy.max(axis=-1))
+    out = np.stack([ix / split_ratio, iy / split_ratio, score], axis=-1).astype(np.float32)
+    chance = 1.0 / sx.shape[-1] if apply_softmax else 0.0
+    out[..., :2][score <= chance] = np.nan
+    return out
+
+
 def to_frame_coordinates(keypoints: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
     """Map keypoints from network-input (or crop) pixels back to frame pixels.
 

@@ -86,3 +86,42 @@ def test_frame_mapping_and_top_down_crops():
     # crop pixel (16*4+2, 32*4+2) = (66, 130) -> frame = crop * 100/256 + (75, 50)
     assert frame_kp[0, 0, :2].tolist() == pytest.approx([66 * 100 / 256 + 75, 130 * 100 / 256 + 50])
     assert frame_kp[1, 0, :2].tolist() == pytest.approx([2 * 2 + 10, 2 * 2 + 20])
+
+
+def test_simcc_hand_made_vectors():
+    from posezoo.decoding import decode_simcc
+
+    x = np.full((2, 3, 40), -5.0, np.float32)
+    y = np.full((2, 3, 30), -5.0, np.float32)
+    want = [[(7, 5), (0, 0), (39, 29)], [(20, 12), (38, 3), (1, 28)]]  # (ix, iy) bins
+    for b, per in enumerate(want):
+        for j, (ix, iy) in enumerate(per):
+            x[b, j, ix], y[b, j, iy] = 1.0, 0.8
+            x[b, j, max(ix - 1, 0) if ix else 1] = 0.5  # a lesser neighbour must not win
+    out = decode_simcc(x, y, split_ratio=2.0)
+    assert out.shape == (2, 3, 3) and out.dtype == np.float32
+    np.testing.assert_array_equal(out[..., :2], np.array(want, np.float32) / 2.0)
+    assert (out[..., 2] > 0.9).all()  # softmax of logits scaled by sigma * beta: sharp
+    flat = decode_simcc(np.zeros((1, 1, 40)), np.zeros((1, 1, 30)))  # no peak at all: chance, no position
+    assert np.isnan(flat[0, 0, :2]).all()
+
+
+@pytest.mark.parametrize("softmax, normalize", [(True, False), (False, False), (True, True)])
+def test_simcc_matches_deeplabcuts_predictor(softmax, normalize):
+    torch = pytest.importorskip("torch")
+    sim_cc = pytest.importorskip("deeplabcut.pose_estimation_pytorch.models.predictors.sim_cc")
+    from posezoo.decoding import decode_simcc
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 0.05, (4, 39, 512)).astype(np.float32)  # rtmpose_s on 256x256: split ratio 2
+    y = rng.normal(0, 0.05, (4, 39, 512)).astype(np.float32)
+    x[:, :, 100] += 0.2
+    y[:, :, 300] += 0.15
+    dlc = sim_cc.SimCCPredictor(simcc_split_ratio=2.0, apply_softmax=softmax, normalize_outputs=normalize,
+                                sigma=(5.66, 5.66), decode_beta=150.0)
+    ref = dlc(1.0, {"x": torch.from_numpy(x), "y": torch.from_numpy(y)})["poses"][:, 0].numpy()
+    ours = decode_simcc(x, y, split_ratio=2.0, apply_softmax=softmax, normalize=normalize, sigma=(5.66, 5.66))
+    valid = np.isfinite(ours[..., 0])
+    np.testing.assert_allclose(ours[..., 2], ref[..., 2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(ours[valid][:, :2], ref[valid][:, :2])
+    assert (ref[~valid][:, :2] == -0.5).all()  # DeepLabCut's "no position" (-1 / split ratio)
