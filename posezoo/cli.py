@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--detector-every", type=_positive, default=1,
                     help="top-down models: run the detector every N frames, boxes carried from poses in between")
     pr.add_argument("--max-individuals", type=_positive, default=None, help="top-down models: animals per frame")
+    pr.add_argument("--draw-boxes", action="store_true", help="top-down models: draw each animal's box in the video")
 
     be = sub.add_parser("bench", help="throughput, pipeline efficiency and memory on one video")
     be.add_argument("--model", default="default")
@@ -157,7 +158,7 @@ def _predict_cmd(args) -> int:
             pcut = args.pcutoff if args.pcutoff is not None else predictor.card.pcutoff
             paths["labeled_video"] = render_labeled_video(
                 video, table, out / f"{name}_labeled.mp4", skeleton=predictor.card.skeleton,
-                pcutoff=pcut, trail_length=args.trail,
+                pcutoff=pcut, trail_length=args.trail, draw_boxes=args.draw_boxes,
             )
         t = table.metadata["timings"]
         print(f"{video}: {table.n_frames} frames, {t['fps']:.1f} frames/s, providers {','.join(predictor.providers)}"

@@ -75,11 +75,13 @@ def render_labeled_video(
     crf: int = 23,
     preset: str = "veryfast",
     progress: Callable[[int, int], None] | None = None,
+    draw_boxes: bool = False,
 ) -> Path:
     """Write ``out_path`` (MP4, H.264) with the table's poses drawn on ``video``.
 
     The output has the same number of frames and frame rate as the input; odd frame
     sizes are padded by one pixel to the even size H.264 in yuv420p requires.
+    ``draw_boxes`` also draws a top-down table's boxes, in each animal's colour.
     """
     info = probe(video)
     out_path = Path(out_path)
@@ -88,8 +90,10 @@ def render_labeled_video(
     skel = np.array([(kp_index[a], kp_index[b]) for a, b in (skeleton or []) if a in kp_index and b in kp_index],
                     dtype=np.int64).reshape(-1, 2)
     colours = keypoint_colours(len(table.keypoints))
+    identity = keypoint_colours(len(table.individuals))
     if len(table.individuals) > 1:  # several animals: a colour per identity, as DeepLabCut's color_by="individual"
-        colours = np.repeat(keypoint_colours(len(table.individuals))[:, None], len(table.keypoints), axis=1)
+        colours = np.repeat(identity[:, None], len(table.keypoints), axis=1)
+    boxes = table.boxes if draw_boxes else None
     radius = radius or max(2, round(min(info.width, info.height) / 120))
     with VideoWriter(out_path, info.width, info.height, info.fps, crf=crf, preset=preset) as writer:
         try:
@@ -98,6 +102,10 @@ def render_labeled_video(
                     frame = np.ascontiguousarray(frame)
                     trail = table.data[max(0, i - trail_length) : i + 1] if trail_length else None
                     draw_poses(frame, table.data[i], colours, skel, pcutoff=pcutoff, radius=radius, trail=trail)
+                    if boxes is not None:
+                        for j in np.flatnonzero(np.isfinite(boxes[i, :, 0])):
+                            x1, y1, x2, y2 = np.round(boxes[i, j, :4]).astype(int).tolist()
+                            cv2.rectangle(frame, (x1, y1), (x2, y2), identity[j].tolist(), 2)
                 writer.write(frame)
                 if progress:
                     progress(i + 1, info.n_frames)

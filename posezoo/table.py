@@ -38,6 +38,11 @@ class PoseTable:
     metadata : dict
         JSON-serialisable facts: model name/version/sha256, video fps/size/frame
         count, execution providers, timings, filtering, outlier frames.
+    boxes : ndarray, shape (n_frames, n_individuals, 5), float32, optional
+        Top-down models: each animal's box ``x1, y1, x2, y2`` in frame pixels and the
+        detector's score (NaN where the box was carried from the previous pose, or
+        there was no animal). Written to the JSON output; DeepLabCut's tables have no place
+        for it.
     """
 
     data: np.ndarray
@@ -45,6 +50,7 @@ class PoseTable:
     individuals: tuple[str, ...] = ("animal0",)
     scorer: str = "posezoo"
     metadata: dict = field(default_factory=dict)
+    boxes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         d = np.asarray(self.data, dtype=np.float32)
@@ -56,6 +62,12 @@ class PoseTable:
                 f"x {len(self.keypoints)} keypoints"
             )
         object.__setattr__(self, "data", d)
+        if self.boxes is not None:
+            b = np.asarray(self.boxes, dtype=np.float32)
+            if b.shape != (d.shape[0], d.shape[1], 5):
+                raise InputError(f"boxes must have shape (frames, individuals, 5) = {(d.shape[0], d.shape[1], 5)}, "
+                                 f"got {b.shape}")
+            object.__setattr__(self, "boxes", b)
         object.__setattr__(self, "keypoints", tuple(self.keypoints))
         object.__setattr__(self, "individuals", tuple(self.individuals))
 
@@ -161,6 +173,12 @@ class PoseTable:
             {"frame": i, "poses": dict(zip(self.individuals, per_frame))}
             for i, per_frame in enumerate(rounded.tolist())
         ]
+        if self.boxes is not None:  # top-down: frames[i].boxes[individual] = [x1, y1, x2, y2, score]
+            boxes = np.round(self.boxes.astype(np.float64), 3).astype(object)
+            boxes[np.isnan(self.boxes)] = None
+            for doc, per_frame in zip(frames, boxes.tolist()):
+                doc["boxes"] = {ind: (box if box[0] is not None else None)
+                                for ind, box in zip(self.individuals, per_frame)}
         doc = {
             "scorer": self.scorer,
             "keypoints": list(self.keypoints),

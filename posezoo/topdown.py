@@ -511,22 +511,25 @@ class TopDownPredictor:
         n_detector_runs = n_crops = 0
         K = self.card.n_keypoints
         chunks: list[np.ndarray] = []
+        box_chunks: list[np.ndarray] = []  # (frames, slots, 5): x1, y1, x2, y2, detector score (NaN: carried box)
         prev = np.full((m, K, 3), np.nan, np.float32)  # last frame's poses, per slot
         with FrameLoop(video, info, batch_size, times, size=None, colour_order=self.card.input.colour_order,
                        max_frames=max_frames, progress=progress) as loop:
             for batch in loop:
                 frames = batch.frames
                 out = np.full((len(frames), m, K, 3), np.nan, np.float32)
+                out_boxes = np.full((len(frames), m, 5), np.nan, np.float32)
                 wh = (frames.shape[2], frames.shape[1])
                 if detector_every == 1:
                     boxes, slots = [], []
                     for i, frame in enumerate(frames):
                         td = time.perf_counter()
-                        b, _ = self._detect(frame, bbox_threshold)
+                        b, sc = self._detect(frame, bbox_threshold)
                         t_detect += time.perf_counter() - td
                         s = tracker.assign(batch.start + i, b)
                         boxes.append(b[s >= 0])
                         slots.append(s[s >= 0])
+                        out_boxes[i, s[s >= 0], :4], out_boxes[i, s[s >= 0], 4] = b[s >= 0], sc[s >= 0]
                     n_detector_runs += len(frames)
                     poses = self.poses_for_boxes(frames, boxes, times=times)
                     for i, (p, s) in enumerate(zip(poses, slots)):
@@ -537,15 +540,17 @@ class TopDownPredictor:
                         idx = batch.start + i
                         if idx % detector_every == 0:
                             td = time.perf_counter()
-                            b, _ = self._detect(frame, bbox_threshold)
+                            b, sc = self._detect(frame, bbox_threshold)
                             t_detect += time.perf_counter() - td
                             n_detector_runs += 1
                             s = tracker.assign(idx, b)
-                            b, s = b[s >= 0], s[s >= 0]
+                            b, sc, s = b[s >= 0], sc[s >= 0], s[s >= 0]
+                            out_boxes[i, s, 4] = sc
                         else:
                             s = np.flatnonzero(np.any(np.isfinite(prev[..., 2]), axis=1))
                             b = boxes_from_poses(prev[s], min_lik, carry_margin, wh, tracker.boxes[s])
                             tracker.carry(idx, s, b)
+                        out_boxes[i, s, :4] = b
                         p = self.poses_for_boxes([frame], [b], times=times)[0]
                         out[i, s] = p
                         n_crops += len(p)
@@ -553,9 +558,11 @@ class TopDownPredictor:
                 if len(frames):
                     prev = out[-1]
                 chunks.append(out)
+                box_chunks.append(out_boxes)
         data = np.concatenate(chunks) if chunks else np.zeros((0, m, K, 3), np.float32)
         n_keep = m if keep_empty_individuals else max(1, int(np.flatnonzero(tracker.used).max() + 1) if tracker.used.any() else 1)
         data = data[:, :n_keep]
+        boxes_all = (np.concatenate(box_chunks) if box_chunks else np.zeros((0, m, 5), np.float32))[:, :n_keep]
         times.extra.update({"detector_s": round(t_detect, 4), "detector_runs": n_detector_runs, "crops": n_crops,
                             "crops_per_s": round(n_crops / max(times.inference, 1e-9), 2)})
         meta = self._metadata(info, times, loop.done, batch_size)
@@ -566,7 +573,7 @@ class TopDownPredictor:
         data = finish_poses(data, meta, loop, info, pcutoff=self.card.pcutoff, allow_truncated=allow_truncated,
                             filter=filter, filter_window=filter_window, max_jump=max_jump)
         individuals = tuple(f"animal{i}" for i in range(n_keep))
-        return PoseTable(data, tuple(self.card.keypoints), individuals, self.card.ref, meta)
+        return PoseTable(data, tuple(self.card.keypoints), individuals, self.card.ref, meta, boxes=boxes_all)
 
     def _metadata(self, info, times: StageTimes, n_frames: int, batch_size: int) -> dict:
         total = max(times.total, 1e-9)

@@ -182,6 +182,7 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
         max_individuals: int | None = Query(None, ge=1, le=32, description="top-down models: most animals"),
         detector_every: int | None = Query(None, ge=1, le=300, description="top-down models: detector every N frames"),
         bbox_threshold: float | None = Query(None, ge=0, le=1, description="top-down models: lowest detection score"),
+        draw_boxes: bool | None = Query(None, description="top-down models: boxes in the labelled video"),
         filename: str | None = Query(None, description="name of the uploaded video (raw uploads)"),
     ) -> JSONResponse:
         """Upload a video (multipart or raw body) or name one (`s3://…` in a JSON body). Answers 202 with
@@ -192,7 +193,7 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
                                        batch_size=batch_size, filter=filter, filter_window=filter_window,
                                        pcutoff=pcutoff, trail=trail, allow_truncated=allow_truncated,
                                        max_individuals=max_individuals, detector_every=detector_every,
-                                       bbox_threshold=bbox_threshold).items()
+                                       bbox_threshold=bbox_threshold, draw_boxes=draw_boxes).items()
                  if v is not None}
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "application/json":

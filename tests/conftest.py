@@ -83,3 +83,20 @@ def make_hf_cache(cache_dir: Path, repo_id: str, commit: str, files: dict[str, P
         link.symlink_to(os.path.relpath(blob, link.parent))
     (repo_dir / "refs" / "main").write_text(commit)
     return cache_dir
+
+
+def noise_video(path: Path, n_frames: int, width: int = 320, height: int = 240) -> Path:
+    """An H.264 video of random noise: something no pose model of the zoo fits."""
+    import av
+
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = width, height, "yuv420p"
+        for _ in range(n_frames):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), format="rgb24")
+            for packet in s.encode(frame):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    return path

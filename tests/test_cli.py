@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 
-from conftest import OPENFIELD_FRAMES
+from conftest import OPENFIELD_FRAMES, noise_video
 
 
 def posezoo(*args, cwd=None, env=None):
@@ -144,17 +144,7 @@ def test_species_first_model_choice(openfield_video, tmp_path):
 def test_a_model_that_does_not_fit_the_video_warns(tmp_path):
     """The mouse model on a video of something else (here: noise) still answers, with a warning
     naming its species and view."""
-    video = tmp_path / "noise.mp4"
-    rng = np.random.default_rng(0)
-    with av.open(str(video), "w") as c:
-        s = c.add_stream("libx264", rate=30)
-        s.width, s.height, s.pix_fmt = 320, 240, "yuv420p"
-        for _ in range(20):
-            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8), format="rgb24")
-            for packet in s.encode(frame):
-                c.mux(packet)
-        for packet in s.encode():
-            c.mux(packet)
+    video = noise_video(tmp_path / "noise.mp4", 20)
     r = posezoo("predict", video, "--model", "posezoo_mouse", "--out", tmp_path, "--no-progress")
     assert r.returncode == 0, r.stderr
     warning = [line for line in r.stderr.splitlines() if line.startswith("posezoo: warning:")]

@@ -420,7 +420,7 @@ def test_top_down_jobs_through_the_service(converted, tmp_path_factory, tmp_path
                      422, "bad_options", "top-down")
         r = httpx.post(f"{url}/jobs", headers=auth(), content=clip.read_bytes(), params={
             "model": "superanimal_topviewmouse", "max_individuals": 3, "detector_every": 4, "bbox_threshold": 0.5,
-            "labeled_video": "true", "formats": "h5,json", "filename": "clip.mp4"})
+            "labeled_video": "true", "draw_boxes": "true", "formats": "h5,json", "filename": "clip.mp4"})
         assert r.status_code == 202, r.text
         job = wait_job(srv, r.json()["id"], timeout=600)
         assert job["status"] == "succeeded", job
@@ -432,6 +432,14 @@ def test_top_down_jobs_through_the_service(converted, tmp_path_factory, tmp_path
         meta = httpx.get(f"{srv.url}{job['results']['meta']}", headers=auth()).json()
         assert meta["top_down"]["detector_every"] == 4 and meta["top_down"]["bbox_threshold"] == 0.5
         assert meta["detector"]["source"].startswith("local:") and "/" not in meta["detector"]["source"]
+        frames = httpx.get(f"{srv.url}{job['results']['json']}", headers=auth()).json()["frames"]
+        assert len(frames) == 24
+        for i, f in enumerate(frames):  # per frame and animal: x1, y1, x2, y2 and the detector's score
+            for animal, box in f["boxes"].items():
+                if box is not None:
+                    assert len(box) == 5 and box[0] < box[2] and box[1] < box[3]
+                    assert (box[4] is not None) == (i % 4 == 0), (i, box)  # carried boxes have no score
+        assert any(b is not None for b in frames[0]["boxes"].values())
         video = tmp_path / "labeled.mp4"
         video.write_bytes(httpx.get(f"{srv.url}{job['results']['video']}", headers=auth()).content)
         with av.open(str(video)) as c:

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, noise_video
 from test_service import KEYS, MB, PeakRss, assert_error, auth, key_env, start_server, wait_job
 
 RSS_BUDGET = 500 * MB
@@ -410,19 +410,7 @@ def test_a_worker_does_not_outlive_its_server(tmp_path_factory):
 def test_a_model_that_does_not_fit_the_video_says_so_in_the_job(server, tmp_path):
     """The mouse model on a video of noise: the job succeeds, its notes and metadata warn and name
     the model's species and view."""
-    import av
-
-    video = tmp_path / "noise.mp4"
-    rng = np.random.default_rng(0)
-    with av.open(str(video), "w") as c:
-        s = c.add_stream("libx264", rate=30)
-        s.width, s.height, s.pix_fmt = 320, 240, "yuv420p"
-        for _ in range(10):
-            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8), format="rgb24")
-            for packet in s.encode(frame):
-                c.mux(packet)
-        for packet in s.encode():
-            c.mux(packet)
+    video = noise_video(tmp_path / "noise.mp4", 10)
     r = httpx.post(f"{server.url}/v1/jobs?model=posezoo_mouse&filename=noise.mp4", headers=auth(),
                    content=video.read_bytes())
     job = wait_job(server, r.json()["id"])

@@ -106,3 +106,25 @@ def test_outlier_frames():
     data[7:, 0, 0, 0] = 100  # a jump between frames 6 and 7
     out = outlier_frames(data, pcutoff=0.5, max_jump=50)
     assert out["frames"] == [4, 7] and out["low_confidence"] == 1 and out["jumps"] == 1
+
+
+def test_top_down_boxes_go_to_the_json(tmp_path):
+    import json
+
+    import numpy as np
+
+    from posezoo.errors import InputError
+    from posezoo.table import PoseTable
+
+    data = np.full((2, 2, 1, 3), np.nan, np.float32)
+    data[:, 0] = [[[1, 2, 0.9]], [[3, 4, 0.8]]]
+    boxes = np.full((2, 2, 5), np.nan, np.float32)
+    boxes[0, 0] = [0, 0, 10, 20, 0.95]
+    boxes[1, 0, :4] = [1, 1, 11, 21]  # carried: no detector score
+    t = PoseTable(data, ("snout",), ("animal0", "animal1"), "m@1", {}, boxes=boxes)
+    doc = json.loads(t.save(tmp_path, ["json"])["json"].read_text())
+    assert doc["frames"][0]["boxes"] == {"animal0": [0, 0, 10, 20, 0.95], "animal1": None}
+    assert doc["frames"][1]["boxes"]["animal0"] == [1, 1, 11, 21, None]
+    assert t.with_metadata(x=1).boxes is not None
+    with pytest.raises(InputError, match="boxes"):
+        PoseTable(data, ("snout",), ("animal0", "animal1"), boxes=np.zeros((2, 1, 5)))

@@ -937,7 +937,7 @@ class JobManager:
             pcut = opts.pcutoff if opts.pcutoff is not None else predictor.card.pcutoff
             files["video"] = render_labeled_video(
                 video, table, out / f"{name}_labeled.mp4", skeleton=predictor.card.skeleton, pcutoff=pcut,
-                trail_length=opts.trail, progress=tracker.render_frames,
+                trail_length=opts.trail, progress=tracker.render_frames, draw_boxes=bool(opts.draw_boxes),
             )
         files["meta"] = paths["meta"]
         tracker.stage("storing")

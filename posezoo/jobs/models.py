@@ -29,7 +29,7 @@ RESULT_KINDS: dict[str, tuple[str, str]] = {
 
 
 #: Job options that only top-down (detector + pose) models take.
-TOP_DOWN_OPTIONS = ("max_individuals", "detector_every", "bbox_threshold")
+TOP_DOWN_OPTIONS = ("max_individuals", "detector_every", "bbox_threshold", "draw_boxes")
 
 
 class JobOptions(BaseModel):
@@ -54,6 +54,8 @@ class JobOptions(BaseModel):
                                                                        "(default 1)")
     bbox_threshold: float | None = Field(None, ge=0, le=1, description="top-down models: ignore detections "
                                                                        "scoring below this")
+    draw_boxes: bool | None = Field(None, description="top-down models: draw each animal's box in the labelled "
+                                                      "video")
 
     @field_validator("formats", mode="before")
     @classmethod
