@@ -36,7 +36,6 @@ install_log_escaping()
 logging.getLogger("posezoo").setLevel(logging.INFO)
 
 
-
 def _in_worker() -> bool:
     """True in BentoML's worker process (it sets the worker index before importing us)."""
     from bentoml._internal.context import server_context
