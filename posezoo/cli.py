@@ -223,6 +223,9 @@ def _add_training_commands(sub) -> None:
     tr.add_argument("--store", default="models", help="catalog dir, file:///dir, s3://bucket/prefix or hf://org/repo")
     tr.add_argument("--catalog", default=None, help="where the card goes for a remote store")
     tr.add_argument("--species", default="mouse", help="comma-separated")
+    tr.add_argument("--view", default="any", help="camera view of the training frames (top, side, face, ...)")
+    tr.add_argument("--priority", type=int, default=0,
+                    help="rank among the ready models of its species and view (posezoo predict --species)")
     tr.add_argument("--alias", action="append", default=[], help="alias of the model (repeatable)")
     tr.add_argument("--keypoints", default=None, help="comma-separated subset/order (default: all labelled)")
     tr.add_argument("--skeleton", type=_pairs, default=[], help="edges a-b,c-d")
@@ -265,7 +268,8 @@ def _train_cmd(args) -> int:
                                    ("freeze_blocks", args.freeze_blocks)) if v is not None}
     cfg = dataclasses.replace(TrainConfig(), seed=args.seed, threads=args.threads, **overrides)
     info = ModelInfo(name=args.name, version=args.version,
-                     species=tuple(s.strip() for s in args.species.split(",") if s.strip()),
+                     species=tuple(s.strip() for s in args.species.split(",") if s.strip()), view=args.view,
+                     priority=args.priority,
                      aliases=tuple(args.alias), skeleton=tuple(args.skeleton), flip_pairs=tuple(args.flip_pairs))
     card = train_model(args.labelled, info, args.store, cfg=cfg, test=args.test, test_fraction=args.test_fraction,
                        keypoints=[k.strip() for k in args.keypoints.split(",")] if args.keypoints else None,

@@ -115,7 +115,7 @@ def trained(tmp_path_factory):
     """A tiny model trained for 3 steps on 6 real openfield frames, registered in a catalog."""
     root = tmp_path_factory.mktemp("train")
     label = make_copy(root / "project", range(6))
-    info = ModelInfo(name="test_mouse", version="0.0.1", skeleton=SKELETON, flip_pairs=FLIP)
+    info = ModelInfo(name="test_mouse", version="0.0.1", skeleton=SKELETON, flip_pairs=FLIP, view="top", priority=3)
     card = train_model(label, info, root / "catalog", cfg=TINY_CFG, test=["img0005*"], workdir=root / "work",
                        command="posezoo train ...", progress=False, log=lambda *_: None)
     return SimpleNamespace(root=root, label=label, card=card, card_path=root / "catalog/test_mouse/0.0.1/card.yaml")
@@ -124,6 +124,7 @@ def trained(tmp_path_factory):
 def test_train_export_register_load_predict(trained):
     card = ModelCard.from_yaml(trained.card_path)
     assert card == trained.card and card.keypoints == list(KEYPOINTS)
+    assert (card.view, card.speed, card.priority) == ("top", "fast", 3)  # where species-first selection places it
     assert card.input.size == (240, 320) and card.input.mean == (127.0,) * 3 and card.input.std == (128.0,) * 3
     assert card.outputs.stride == 4 and card.outputs.heatmap_activation == "none"
     onnx_path = trained.card_path.parent / card.artefact.filename

@@ -192,7 +192,7 @@ def child_spec(p: Plan, root: Path, card, name: str, version: str, work: Path, z
         "label_file": str(root / p.label_file),
         "keypoints": p.keypoints,
         "test": [glob.escape(n) for n in p.test_frames],
-        "info": {"name": name, "version": version, "species": list(card.species),
+        "info": {"name": name, "version": version, "species": list(card.species), "view": card.view,
                  "description": f"{name}@{version}: fine-tuned from {card.ref} by a posezoo service job "
                                 f"({p.train_frames} training frames, {p.steps} steps).",
                  "skeleton": [list(e) for e in card.skeleton], "flip_pairs": [list(e) for e in card.flip_pairs],

@@ -107,7 +107,8 @@ def run(spec: dict) -> Path:
               s3_endpoint=z.get("s3_endpoint"), hf_cache_dir=z.get("hf_cache_dir"))
     init = str(resolve_init(spec["base"], zoo)) if spec["init"] == "base" else None
     i = spec["info"]
-    info = ModelInfo(name=i["name"], version=i["version"], species=tuple(i["species"]), description=i["description"],
+    info = ModelInfo(name=i["name"], version=i["version"], species=tuple(i["species"]), view=i.get("view", "any"),
+                     description=i["description"],
                      skeleton=tuple(tuple(e) for e in i["skeleton"]), flip_pairs=tuple(tuple(e) for e in i["flip_pairs"]),
                      licence=i["licence"], citation=i["citation"])
     emit(event="stage", stage="training")

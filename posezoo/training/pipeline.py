@@ -34,6 +34,8 @@ class ModelInfo:
     name: str
     version: str
     species: tuple[str, ...] = ("mouse",)
+    view: str = "any"
+    priority: int = 0
     description: str = ""
     aliases: tuple[str, ...] = ()
     skeleton: tuple[tuple[str, str], ...] = ()
@@ -141,6 +143,9 @@ def train_model(labelled: str | Path, info: ModelInfo, store: str | Path, *, cfg
             f"two-step up-sampling head, heatmaps and location refinement at stride {STRIDE}, "
             f"{cfg.input_hw[1]}x{cfg.input_hw[0]} letterboxed input; trained with `posezoo train`."),
         species=list(info.species),
+        view=info.view,
+        speed="fast",  # EfficientNet-Lite0 at 320x240: well over 100 frames/s end to end on 2 cores
+        priority=info.priority,
         aliases=list(info.aliases),
         task="single_animal",
         keypoints=list(data.keypoints),
