@@ -527,9 +527,10 @@ class TopDownPredictor:
                         b, sc = self._detect(frame, bbox_threshold)
                         t_detect += time.perf_counter() - td
                         s = tracker.assign(batch.start + i, b)
-                        boxes.append(b[s >= 0])
-                        slots.append(s[s >= 0])
-                        out_boxes[i, s[s >= 0], :4], out_boxes[i, s[s >= 0], 4] = b[s >= 0], sc[s >= 0]
+                        kept = s >= 0
+                        boxes.append(b[kept])
+                        slots.append(s[kept])
+                        out_boxes[i, s[kept], :4], out_boxes[i, s[kept], 4] = b[kept], sc[kept]
                     n_detector_runs += len(frames)
                     poses = self.poses_for_boxes(frames, boxes, times=times)
                     for i, (p, s) in enumerate(zip(poses, slots)):

@@ -351,9 +351,10 @@ class VideoWriter:
         self._stream = self._container.add_stream(codec, rate=rate)
         self._stream.width, self._stream.height, self._stream.pix_fmt = self.even_w, self.even_h, "yuv420p"
         if codec == "libx264":
-            self._stream.options = {"crf": str(crf), "preset": preset}
+            options = {"crf": str(crf), "preset": preset}
             if self.even_w * self.even_h > LARGE_FRAME_PIXELS:  # bounded encoder memory (see LARGE_FRAME_PIXELS)
-                self._stream.options = {"crf": str(crf), "preset": "ultrafast", "tune": "zerolatency"}
+                options.update(preset="ultrafast", tune="zerolatency")
+            self._stream.options = options
         self._canvas = np.zeros((self.even_h, self.even_w, 3), np.uint8)
         self.frames_written = 0
 

@@ -329,8 +329,7 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
         limit = m.settings.max_image_bytes
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         check_declared_length(request.headers, limit + (MULTIPART_SLACK if ctype == "multipart/form-data" else 0))
-        slot = m.image_slot()
-        await run_in_threadpool(slot.__enter__)  # bounded: bodies and decoded images of many requests add up
+        await run_in_threadpool(m.take_image_slot)  # bounded: bodies and decoded images of many requests add up
         try:
             if ctype == "multipart/form-data":
                 form = await request.form(max_files=1, max_fields=8)
@@ -344,7 +343,7 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
                 data = await _read_small(request, limit, m)
             return await run_in_threadpool(m.predict_image, data, model, who)
         finally:
-            slot.__exit__(None, None, None)
+            m.give_image_slot()
 
     @app.post("/finetune", status_code=202, response_model=JobView, tags=["jobs"],
               summary="Fine-tune a model on DeepLabCut labelled data", openapi_extra={"requestBody": FINETUNE_BODY},
@@ -521,10 +520,10 @@ async def _receive_body(request: Request, m: JobManager, dest, limit: int, multi
     return fields, name, up.file_bytes
 
 
-async def _read_small(request: Request, limit: int, m: JobManager | None = None) -> bytes:
+async def _read_small(request: Request, limit: int, m: JobManager) -> bytes:
     check_declared_length(request.headers, limit)
     buf = bytearray()
-    async for chunk in (_body(request, m) if m is not None else request.stream()):
+    async for chunk in _body(request, m):
         buf += chunk
         if len(buf) > limit:
             raise UploadError(f"request body is over the limit of {limit} bytes", 413, "too_large")

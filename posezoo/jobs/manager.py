@@ -17,7 +17,6 @@ Layout of ``settings.data_dir``::
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import os
 import queue
@@ -125,50 +124,52 @@ def validate_video(path: Path, *, max_pixels: int | None = None, allow_truncated
     out = {"width": info.width, "height": info.height, "fps": info.fps, "n_frames": info.n_frames,
            "codec": info.codec, "truncated": None}
     try:
-        with av.open(str(path)) as c:
-            s = c.streams.video[0]
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError) as exc:
+        raise VideoError(f"{name}: not a readable video ({exc})") from None
+    with container as c:
+        s = c.streams.video[0]
+        try:
             first = next(c.decode(s), None)
-            if first is None:
-                raise VideoError(f"{name}: no frame could be decoded (empty or corrupt video stream)")
-    except (av.FFmpegError, EOFError) as exc:
-        raise VideoError(f"{name}: damaged video: its first frame does not decode ({exc})") from None
-    try:
-        _check_complete(path, info)
-    except TruncatedVideoError as exc:
-        if not allow_truncated:
-            raise
-        out["truncated"] = str(exc)
+        except (av.FFmpegError, EOFError) as exc:
+            raise VideoError(f"{name}: damaged video: its first frame does not decode ({exc})") from None
+        if first is None:
+            raise VideoError(f"{name}: no frame could be decoded (empty or corrupt video stream)")
+        try:
+            _check_complete(c, s, info, name)
+        except TruncatedVideoError as exc:
+            if not allow_truncated:
+                raise
+            out["truncated"] = str(exc)
     return out
 
 
-def _check_complete(path: Path, info) -> None:
-    """Demux (no decoding) from the last keyframe before the end: a file cut short whose
-    index is intact stops delivering packets well before the stream's end."""
+def _check_complete(c, s, info, name: str) -> None:
+    """Demux (no decoding) stream ``s`` of the open container ``c`` from the last keyframe
+    before the end: a file cut short whose index is intact stops delivering packets well
+    before the stream's end. Raises :class:`TruncatedVideoError`."""
     import av
 
-    name = path.name
+    if not (s.duration and s.time_base and info.n_frames > 2):
+        return
     try:
-        with av.open(str(path)) as c:
-            s = c.streams.video[0]
-            if not (s.duration and s.time_base and info.n_frames > 2):
-                return
-            start = s.start_time or 0
-            frame = int(1 / (info.fps * s.time_base)) if info.fps > 0 else 0
-            target = start + s.duration - max(int(s.duration * 0.05), 2 * frame)
-            c.seek(target, stream=s, backward=True, any_frame=False)
-            last = None
-            for packet in c.demux(s):
-                if packet.size and packet.pts is not None:
-                    last = packet.pts if last is None else max(last, packet.pts)
-            if last is None or last < target:
-                where = f"at {float((last - start) * s.time_base):.1f} s" if last is not None else "early"
-                raise TruncatedVideoError(
-                    f"{name}: truncated video: its header announces {float(s.duration * s.time_base):.1f} s "
-                    f"but the stream stops {where}; is the file complete? (allow_truncated=true keeps the frames "
-                    "that decode)", 0)
+        start = s.start_time or 0
+        frame = int(1 / (info.fps * s.time_base)) if info.fps > 0 else 0
+        target = start + s.duration - max(int(s.duration * 0.05), 2 * frame)
+        c.seek(target, stream=s, backward=True, any_frame=False)
+        last = None
+        for packet in c.demux(s):
+            if packet.size and packet.pts is not None:
+                last = packet.pts if last is None else max(last, packet.pts)
     except (av.FFmpegError, EOFError, StopIteration) as exc:
         raise TruncatedVideoError(f"{name}: damaged or truncated video ({exc}); allow_truncated=true keeps the "
                                   "frames that decode", 0) from None
+    if last is None or last < target:
+        where = f"at {float((last - start) * s.time_base):.1f} s" if last is not None else "early"
+        raise TruncatedVideoError(
+            f"{name}: truncated video: its header announces {float(s.duration * s.time_base):.1f} s "
+            f"but the stream stops {where}; is the file complete? (allow_truncated=true keeps the frames "
+            "that decode)", 0)
 
 
 @dataclass
@@ -369,7 +370,7 @@ class JobManager:
         top-down options (``max_individuals``...) for a model that is not top-down."""
         spec = spec or self.settings.model_default
         card, _ = self._served_card(spec, owner)
-        if not self._servable(card, owner):
+        if not self.zoo_for(owner).ready(card):
             raise ArtefactNotPublishedError(f"{card.ref}: the ONNX artefact of this model (or of its detector) is not "
                                             "published yet; choose a model that /v1/models marks as ready")
         if card.task not in ("single_animal", "top_down"):
@@ -380,17 +381,6 @@ class JobManager:
                 raise InputError(f"{', '.join(given)}: only top-down (multi-animal) models take these options; "
                                  f"{card.ref} is a single-animal model")
         return card.ref
-
-    def _servable(self, card, owner: str | None = None) -> bool:
-        """Whether a pose card can be served now: its artefact, and a top-down card's detector's."""
-        if not card.artefact.published:
-            return False
-        if card.task != "top_down":
-            return True
-        try:
-            return self.zoo_for(owner).card(card.detector).artefact.published
-        except PosezooError:
-            return False
 
     def predictor(self, spec: str, owner: str | None = None):
         """A cached :class:`~posezoo.predictor.PosePredictor` (loaded once per model)."""
@@ -442,7 +432,7 @@ class JobManager:
                 continue
             out.append({"name": c.name, "version": c.version, "ref": c.ref, "species": c.species, "task": c.task,
                         "keypoints": c.keypoints, "aliases": c.aliases,
-                        "ready": c.task != "detector" and self._servable(c, owner), "default": c.ref == self._default_ref()})
+                        "ready": c.task != "detector" and self.zoo_for(owner).ready(c), "default": c.ref == self._default_ref()})
         return out
 
     def _default_ref(self) -> str | None:
@@ -711,19 +701,17 @@ class JobManager:
         return self._metrics.text()
 
     # -- images -----------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def image_slot(self):
+    def take_image_slot(self) -> None:
         """One of ``IMAGE_CONCURRENCY`` slots for an image request, taken before its body is
         read (bodies and decoded images of unbounded numbers of requests would add up);
-        waits up to ``IMAGE_WAIT_S``, then 429."""
+        waits up to ``IMAGE_WAIT_S``, then 429. Give it back with :meth:`give_image_slot`."""
         if not self._image_slots.acquire(timeout=self.settings.image_wait_s):
             self._metrics.rejected.labels("images_busy").inc()
             raise QueueFullError(f"all {self.settings.image_concurrency} image prediction slot(s) are busy; "
                                  f"try again in {self.settings.retry_after_s} s", self.settings.retry_after_s)
-        try:
-            yield
-        finally:
-            self._image_slots.release()
+
+    def give_image_slot(self) -> None:
+        self._image_slots.release()
 
     def predict_image(self, data: bytes, model: str | None, owner: str | None = None) -> dict:
         """Keypoints of one encoded image. Its size is read from the header first: more than
@@ -843,8 +831,7 @@ class JobManager:
         import json
 
         meta = json.loads(json.dumps(meta, default=str))  # a deep copy, plain JSON types
-        prefixes = sorted({str(video.parent) + "/", str(self.root) + "/", str(self.zoo.cache_dir) + "/",
-                           *(str(c) + "/" for c in getattr(self.zoo, "catalogs", []))}, key=len, reverse=True)
+        more = (video.parent, self.zoo.cache_dir, *getattr(self.zoo, "catalogs", []))
 
         def clean(value):
             if isinstance(value, dict):
@@ -855,16 +842,16 @@ class JobManager:
                 if value.startswith(("local:/", "file:/")):  # a model's or detector's source on this disk
                     scheme, path = value.split(":", 1)
                     return f"{scheme}:{Path(path).name}"
-                for pre in prefixes:
-                    value = value.replace(pre, "")
-                return self._scrub(value, rec)
+                return self._scrub(value, rec, more)
             return value
 
         return clean(meta)
 
-    def _scrub(self, text: str, rec: JobRecord) -> str:
-        """Error text without server paths."""
-        for p in (str(self.work / rec.id) + "/", str(self.uploads / rec.id) + "/", str(self.root) + "/"):
+    def _scrub(self, text: str, rec: JobRecord, more: tuple = ()) -> str:
+        """Text without server paths: the job's scratch and upload folders, the data directory
+        and ``more`` folders, longest first."""
+        folders = {self.work / rec.id, self.uploads / rec.id, self.root, *map(Path, more)}
+        for p in sorted((str(f) + "/" for f in folders), key=len, reverse=True):
             text = text.replace(p, "")
         return text
 
@@ -1018,12 +1005,10 @@ class _Budget:
     def acquire(self, amount: int, timeout: float) -> bool:
         amount = min(amount, self.total)
         with self._cond:
-            return self._cond.wait_for(lambda: self.used + amount <= self.total, timeout=timeout) and \
-                self._take(amount)
-
-    def _take(self, amount: int) -> bool:
-        self.used += amount
-        return True
+            if not self._cond.wait_for(lambda: self.used + amount <= self.total, timeout=timeout):
+                return False
+            self.used += amount
+            return True
 
     def release(self, amount: int) -> None:
         with self._cond:
