@@ -125,3 +125,66 @@ def format_result(r: dict) -> str:
         f"  speed-up {r['speedup']:.2f}x; {r['keypoints_within_0.1px']:.1%} of keypoints agree within 0.1 px "
         f"(max {r['max_keypoint_diff_px']} px)",
     ])
+
+
+def bench_modelzoo(video: str, tarball, catalog, name: str, *, frames: int = 16, threads: int | None = None,
+                   repeats: int = 2) -> dict:
+    """A TF model-zoo network: DeepLabCut's TF ``getpose`` vs posezoo's full-frame predictor
+    (ONNX Runtime) on the same frames, one frame per call for both (DeepLabCut's single-frame
+    path), plus posezoo's batched throughput; keypoint agreement between the two."""
+    import tempfile
+
+    import posezoo
+    from posezoo.video import iter_frames
+    from posezoo.zoo import Zoo
+
+    from .modelzoo import DlcTfPredictor, import_tensorflow, open_tarball
+
+    tf = import_tensorflow()
+    threads = threads or os.cpu_count() or 1
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    imgs = np.stack(list(iter_frames(video, colour_order="RGB", max_frames=frames)))
+    predictor = posezoo.load(name, device="cpu", threads=threads, zoo=Zoo([catalog], include_bundled=False))
+    with tempfile.TemporaryDirectory(prefix="posezoo-bench-") as tmp:
+        dlc = DlcTfPredictor(open_tarball(tarball, tmp))
+        try:
+            runs = {
+                "deeplabcut": lambda: np.stack([dlc.pose(f) for f in imgs]),
+                "posezoo": lambda: np.concatenate([predictor.predict_images(f[None], batch_size=1) for f in imgs]),
+                "posezoo_batched": lambda: predictor.predict_images(imgs, batch_size=8),
+            }
+            for fn in runs.values():  # warm-up
+                fn() if fn is not runs["posezoo_batched"] else predictor.predict_images(imgs[:8], batch_size=8)
+            timings = {k: [] for k in runs}
+            results = {}
+            for _ in range(repeats):
+                for k, fn in runs.items():
+                    t0 = time.perf_counter()
+                    results[k] = fn()
+                    timings[k].append(time.perf_counter() - t0)
+        finally:
+            dlc.close()
+    a = results["posezoo"][:, 0]
+    b = results["deeplabcut"]
+    best = {k: min(v) for k, v in timings.items()}
+    d = np.abs(a[..., :2] - b[..., :2]).max(-1)
+    return {
+        "network": name, "video": str(video), "frames": len(imgs),
+        "frame_size": f"{imgs.shape[2]}x{imgs.shape[1]}", "threads": threads, "tensorflow": tf.__version__,
+        **{f"{k}_frames_per_s": round(len(imgs) / v, 2) for k, v in best.items()},
+        "speedup": round(best["deeplabcut"] / best["posezoo"], 3),
+        "speedup_batched": round(best["deeplabcut"] / best["posezoo_batched"], 3),
+        "max_keypoint_diff_px": round(float(d.max()), 5),
+        "keypoints_within_0.1px": round(float((d <= 0.1).mean()), 4),
+    }
+
+
+def format_modelzoo_result(r: dict) -> str:
+    return "\n".join([
+        f"{r['network']}: {r['frames']} frames ({r['frame_size']}), {r['threads']} threads",
+        f"  DeepLabCut TF {r['tensorflow']} getpose      {r['deeplabcut_frames_per_s']:8.2f} frames/s",
+        f"  posezoo (ONNX Runtime), 1 frame/call {r['posezoo_frames_per_s']:8.2f} frames/s  ({r['speedup']:.2f}x)",
+        f"  posezoo, batches of 8               {r['posezoo_batched_frames_per_s']:8.2f} frames/s  "
+        f"({r['speedup_batched']:.2f}x)",
+        f"  {r['keypoints_within_0.1px']:.1%} of keypoints agree within 0.1 px (max {r['max_keypoint_diff_px']} px)",
+    ])

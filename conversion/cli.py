@@ -1,9 +1,11 @@
-"""``python -m conversion``: convert DeepLabCut SuperAnimal checkpoints, publish them, benchmark.
+"""``python -m conversion``: convert DeepLabCut checkpoints (SuperAnimal, TF model zoo), publish them, benchmark.
 
     python -m conversion superanimal --dataset topviewmouse --pose-model hrnet_w32 \\
         --detector fasterrcnn_resnet50_fpn_v2 --out converted/ [--pose-checkpoint F.pt] \\
         [--detector-checkpoint F.pt] [--publish hf://org/repo | s3://bucket/prefix] [--catalog models] [--fp16]
     python -m conversion bench --video V.mp4 --catalog converted/ --pose-checkpoint F.pt ...
+    python -m conversion modelzoo --name primate_face --out converted/ [--tarball F.tar.gz]
+    python -m conversion bench-modelzoo --name primate_face --tarball F.tar.gz --catalog converted/ --video V.mp4
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import argparse
 import json
 import sys
 
+from posezoo.errors import PosezooError
+
+from .modelzoo import MODELS
 from .superanimal import DATASETS, DETECTORS, POSE_MODELS
 
 
@@ -32,6 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--layout-dir", default=None, help="hf://: lay the repository out here")
     sa.add_argument("--no-upload", action="store_true", help="hf://: lay out only (needs --layout-dir)")
     sa.add_argument("--revision", default=None, help="revision to record with --no-upload")
+
+    mz = sub.add_parser("modelzoo", help="convert a DeepLabCut 2.x TensorFlow model-zoo tarball to ONNX + card")
+    mz.add_argument("--name", required=True, choices=MODELS)
+    mz.add_argument("--tarball", default=None, help="local .tar.gz (default: fetch from DeepLabCut's HF repo)")
+    mz.add_argument("--out", required=True, help="catalog directory for <name>/1.0.0/{card.yaml, <name>.onnx}")
+    mz.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs DeepLabCut TF check")
+
+    bt = sub.add_parser("bench-modelzoo", help="posezoo (ONNX Runtime) vs DeepLabCut's TF getpose, same network")
+    bt.add_argument("--video", required=True)
+    bt.add_argument("--name", required=True, choices=MODELS)
+    bt.add_argument("--tarball", required=True)
+    bt.add_argument("--catalog", required=True, help="the catalog the model was converted into")
+    bt.add_argument("--frames", type=int, default=16)
+    bt.add_argument("--threads", type=int, default=None)
+    bt.add_argument("--json", action="store_true")
 
     be = sub.add_parser("bench", help="posezoo (ONNX Runtime) vs DeepLabCut's PyTorch runner, same network and crops")
     be.add_argument("--video", required=True)
@@ -74,11 +94,35 @@ def _bench(args) -> int:
     return 0
 
 
+def _modelzoo(args) -> int:
+    from .modelzoo import convert
+    from .pull import _checkpoint
+
+    tarball = args.tarball
+    if tarball is None:
+        from posezoo.zoo import Zoo
+
+        tarball = _checkpoint(Zoo().card(args.name), None)
+    c = convert(args.name, tarball, args.out, verify_with_dlc=not args.no_verify)
+    print(f"{c.card.ref}: {c.path} ({c.path.stat().st_size / 1e6:.1f} MB, {len(c.card.keypoints)} keypoints, "
+          f"sha256 {c.card.artefact.sha256[:12]}…, {c.seconds:.1f} s)")
+    return 0
+
+
+def _bench_modelzoo(args) -> int:
+    from .bench import bench_modelzoo, format_modelzoo_result
+
+    r = bench_modelzoo(args.video, args.tarball, args.catalog, args.name, frames=args.frames, threads=args.threads)
+    print(json.dumps(r, indent=2) if args.json else format_modelzoo_result(r))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"superanimal": _superanimal, "bench": _bench}[args.command](args)
-    except (OSError, RuntimeError, ValueError) as exc:
+        return {"superanimal": _superanimal, "bench": _bench, "modelzoo": _modelzoo,
+                "bench-modelzoo": _bench_modelzoo}[args.command](args)
+    except (OSError, RuntimeError, ValueError, PosezooError) as exc:
         print(f"conversion: error: {exc}", file=sys.stderr)
         return 1
 

@@ -1,6 +1,7 @@
 """`posezoo zoo pull` for models whose ONNX artefact is not published yet: fetch DeepLabCut's
-checkpoint with huggingface_hub, convert, verify against PyTorch, and cache the result in the
-zoo's ``converted`` catalog (``$POSEZOO_CACHE/converted``), where ``Zoo.resolve`` finds it."""
+checkpoint (a SuperAnimal ``.pt`` or a TensorFlow model-zoo tarball) with huggingface_hub,
+convert, verify against DeepLabCut (PyTorch or TF), and cache the result in the zoo's
+``converted`` catalog (``$POSEZOO_CACHE/converted``), where ``Zoo.resolve`` finds it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from posezoo.errors import ModelNotCachedError, ZooError
 
+from . import modelzoo
 from .superanimal import ConversionError, convert_detector, convert_pose, parse_checkpoint_filename
 
 
@@ -31,13 +33,24 @@ def convert_into_cache(zoo, spec: str, *, hf_cache_dir: str | None = None, verif
     import importlib.util
 
     card = zoo.card(spec)
-    missing = [m for m in ("torch", "torchvision", "timm", "deeplabcut", "onnx") if importlib.util.find_spec(m) is None]
+    tf_zoo = modelzoo.is_model_zoo_tarball(card.upstream)
+    needs = ("tensorflow", "tf_slim", "deeplabcut", "onnx") if tf_zoo else ("torch", "torchvision", "timm", "deeplabcut", "onnx")
+    extra = "conversion-tf" if tf_zoo else "conversion"
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
     if missing:
         raise ZooError(
-            f"{card.ref}: the ONNX artefact is not published yet and converting it here needs the conversion "
-            f"extra (missing: {', '.join(missing)}): pip install 'posezoo[conversion]'"
+            f"{card.ref}: the ONNX artefact is not published yet and converting it here needs the {extra} "
+            f"extra (missing: {', '.join(missing)}): pip install 'posezoo[{extra}]'"
         )
     out = zoo.converted_dir
+    if tf_zoo:
+        if card.artefact.published:
+            return []
+        tarball = _checkpoint(card, hf_cache_dir)
+        try:
+            return [modelzoo.convert(card.name, tarball, out, verify_with_dlc=verify)]
+        except ConversionError as exc:
+            raise ZooError(f"{card.ref}: conversion failed: {exc}") from exc
     done = []
     todo = [card]
     if card.task == "top_down" and card.detector:

@@ -104,3 +104,89 @@ def random_detector_checkpoint(dataset: str, detector: str, path: str | Path, ca
         pred.cls_score.bias.copy_(torch.tensor([0.0, animal_bias]))
     det.eval()
     return save_checkpoint(det, path)
+
+
+# -- DeepLabCut 2.x TensorFlow model-zoo tarballs -------------------------------------------------
+def modelzoo_pose_cfg(joints: list[str], net_type: str = "resnet_50") -> dict:
+    """A model-zoo ``pose_cfg.yaml`` as DeepLabCut 2.x writes it for a single-animal ResNet
+    (the fields its TF predictor and ``load_config`` read, with DeepLabCut's values)."""
+    return {
+        "all_joints": [[i] for i in range(len(joints))], "all_joints_names": list(joints),
+        "batch_size": 1, "crop_pad": 0, "dataset": "training-datasets/iteration-0/UnaugmentedDataSet/data.mat",
+        "dataset_type": "imgaug", "deterministic": False, "fg_fraction": 0.25, "global_scale": 0.8,
+        "init_weights": "snapshot", "intermediate_supervision": False, "intermediate_supervision_layer": 12,
+        "location_refinement": True, "locref_huber_loss": True, "locref_loss_weight": 0.05,
+        "locref_stdev": 7.2801, "log_dir": "log", "max_input_size": 1500,
+        "mean_pixel": [123.68, 116.779, 103.939], "mirror": False, "net_type": net_type,
+        "num_joints": len(joints), "optimizer": "sgd", "pairwise_huber_loss": True, "pairwise_predict": False,
+        "partaffinityfield_predict": False, "regularize": False, "scoremap_dir": "test", "shuffle": True,
+        "snapshot_prefix": "snapshot", "stride": 8.0, "weigh_negatives": False,
+        "weigh_only_present_joints": False, "weigh_part_predictions": False, "weight_decay": 0.0001,
+    }
+
+
+def random_modelzoo_tarball(path: str | Path, joints: list[str], calibration_frames: np.ndarray, *,
+                            net_type: str = "resnet_50", seed: int = 0, snapshot: int = 1030000,
+                            skeleton: list[tuple[str, str]] | None = None, licence: str | None = None) -> Path:
+    """A model-zoo tarball in DeepLabCut 2.x's layout (``<stem>/pose_cfg.yaml`` and
+    ``<stem>/snapshot-N.{index,data-00000-of-00001,meta}``), made with DeepLabCut's own TF code:
+    ``PoseNetFactory.create(cfg).test(inputs)`` and a ``tf.compat.v1.train.Saver``.
+
+    Random weights, with every BatchNorm's moving statistics set, layer by layer in graph
+    order, to the statistics of its input on ``calibration_frames`` (uint8 RGB ``(n, h, w,
+    3)``), and random gamma/beta, so that the scoremaps are well conditioned.
+    """
+    import tarfile
+    import tempfile
+
+    import yaml
+
+    from .modelzoo import import_dlc_tf
+
+    load_config, _ = import_dlc_tf()
+    import tensorflow as tf
+    from deeplabcut.pose_estimation_tensorflow.nnets.factory import PoseNetFactory
+
+    path = Path(path)
+    stem = path.name.removesuffix(".tar.gz")
+    rng = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory(prefix="posezoo-tarball-") as tmp:
+        d = Path(tmp) / stem
+        d.mkdir()
+        cfg_dict = modelzoo_pose_cfg(joints, net_type)
+        if skeleton:
+            cfg_dict["skeleton"] = [list(p) for p in skeleton]
+        (d / "pose_cfg.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=True))
+        if licence:
+            (d / "LICENSE").write_text(licence + "\n")
+        cfg = load_config(str(d / "pose_cfg.yaml"))
+        graph = tf.Graph()
+        with graph.as_default():
+            tf.compat.v1.set_random_seed(seed)
+            inputs = tf.compat.v1.placeholder(tf.float32, shape=[None, None, None, 3])
+            PoseNetFactory.create(cfg).test(inputs)
+            variables = {v.op.name: v for v in tf.compat.v1.global_variables()}
+            with tf.compat.v1.Session(graph=graph) as sess:
+                sess.run(tf.compat.v1.global_variables_initializer())
+                feed = {inputs: calibration_frames.astype(np.float32)}
+                bns = [op for op in graph.get_operations() if op.type.startswith("FusedBatchNorm")]
+                for op in bns:
+                    scope = op.name.rsplit("/", 1)[0]  # .../BatchNorm
+                    x = sess.run(op.inputs[0], feed)
+                    c = x.shape[-1]
+                    variables[f"{scope}/moving_mean"].load(x.mean(axis=(0, 1, 2)), sess)
+                    variables[f"{scope}/moving_variance"].load(x.var(axis=(0, 1, 2)), sess)
+                    # a residual branch's last BatchNorm scaled down, as in trained ResNets: the
+                    # residual stream then stays well conditioned through all the units
+                    lo, hi = (0.1, 0.4) if "/conv3/" in scope else (0.6, 1.4)
+                    variables[f"{scope}/gamma"].load(rng.uniform(lo, hi, c).astype(np.float32), sess)
+                    variables[f"{scope}/beta"].load(rng.normal(0.0, 0.1, c).astype(np.float32), sess)
+                for name in ("pose/part_pred/block4/biases", "pose/locref_pred/block4/biases"):
+                    v = variables[name]
+                    v.load(rng.normal(0.0, 0.5, v.shape).astype(np.float32), sess)
+                tf.compat.v1.train.Saver().save(sess, str(d / "snapshot"), global_step=snapshot)
+        (d / "checkpoint").unlink(missing_ok=True)  # the tarballs carry the snapshot files only
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(path, "w:gz") as tar:
+            tar.add(d, arcname=stem)
+    return path

@@ -201,9 +201,12 @@ class PosePredictor:
         out = self.model.run({self.card.input.input_name: x}, self._outputs)
         t2 = time.perf_counter()
         o = self.card.outputs
+        # DeepLabCut's TF predictor decodes with the nominal stride; its ResNets' heatmaps are
+        # ceil(size / 8) on a side, so the measured ratio is not 8 when the size is not a multiple.
+        where = {"stride": o.stride} if o.nominal_stride else {"input_hw": plan.input_hw}
         kp = decode_heatmaps(
-            out[o.heatmap], out.get(o.locref) if o.locref else None, input_hw=plan.input_hw,
-            locref_std=o.locref_std, activation=o.heatmap_activation,
+            out[o.heatmap], out.get(o.locref) if o.locref else None, **where,
+            locref_std=o.locref_std, activation=o.heatmap_activation, clip=o.clip_scores,
         )
         kp = to_frame_coordinates(kp, plan.scale, (0.0, 0.0))
         t3 = time.perf_counter()

@@ -226,8 +226,11 @@ class Zoo:
             # DeepLabCut 3 PyTorch checkpoints (SuperAnimal): the conversion extra converts them
             return (f"pip install 'posezoo[conversion]' && posezoo zoo pull {card.name}  "
                     "(a network is needed once, for DeepLabCut's checkpoint)")
-        return ("not convertible by this posezoo yet (DeepLabCut's TensorFlow model zoo); "
-                "it becomes ready when its ONNX artefact is published")
+        if up is not None and up.kind == "huggingface" and (up.filename or "").endswith((".tar.gz", ".tgz", ".tar")):
+            # DeepLabCut 2.x TensorFlow model-zoo tarballs: reading them needs TensorFlow
+            return (f"pip install 'posezoo[conversion-tf]' && posezoo zoo pull {card.name}  "
+                    "(a network is needed once, for DeepLabCut's model-zoo tarball)")
+        return "not convertible by this posezoo; it becomes ready when its ONNX artefact is published"
 
     def recommend(self, species: str, view: str | None = None) -> ModelCard:
         """The catalog's recommended ready pose model for ``species`` (and ``view``):
