@@ -10,6 +10,7 @@ mechanics tests, never accuracy tests.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -19,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("tensorflow", reason="the TF model-zoo tests need: pip install -e '.[conversion-tf,test]'")
-pytest.importorskip("deeplabcut", reason="the TF model-zoo tests need: pip install -e '.[conversion-tf,test]'")
+# not importorskip: TensorFlow must be imported after torch and triton (conversion.modelzoo.import_tensorflow)
+if not all(importlib.util.find_spec(m) for m in ("tensorflow", "tf_slim", "deeplabcut")):
+    pytest.skip("the TF model-zoo tests need: pip install -e '.[conversion-tf,test]'", allow_module_level=True)
 
 from conftest import OPENFIELD_VIDEO, REPO  # noqa: E402
 from conversion import modelzoo as mz  # noqa: E402
