@@ -130,8 +130,9 @@ def test_species_first_model_choice(openfield_video, tmp_path):
     # no ready dog model here: the message says exactly what to run for each candidate
     assert_one_line_error(posezoo("predict", openfield_video, "--species", "dog", "--out", tmp_path),
                           "no dog model is ready", "pip install 'posezoo[conversion]' && posezoo zoo pull "
-                          "superanimal_quadruped", "full_dog")
-    assert_one_line_error(posezoo("predict", openfield_video, "--species", "cat"), "no model of the zoo", "mouse")
+                          "superanimal_quadruped", "pip install 'posezoo[conversion-tf]' && posezoo zoo pull full_dog")
+    assert_one_line_error(posezoo("predict", openfield_video, "--species", "zebrafish"), "no model of the zoo",
+                          "mouse")
     assert_one_line_error(posezoo("predict", openfield_video, "--species", "mouse", "--model", "posezoo_mouse"),
                           "not both")
     listed = {m["name"]: m for m in json.loads(posezoo("zoo", "list", "--json").stdout)}
