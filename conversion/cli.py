@@ -6,6 +6,7 @@
     python -m conversion bench --video V.mp4 --catalog converted/ --pose-checkpoint F.pt ...
     python -m conversion modelzoo --name primate_face --out converted/ [--tarball F.tar.gz]
     python -m conversion bench-modelzoo --name primate_face --tarball F.tar.gz --catalog converted/ --video V.mp4
+    python -m conversion publish-zoo --to hf://org/repo | s3://bucket/prefix [--catalog models] [--checkpoints DIR]
 """
 
 from __future__ import annotations
@@ -43,6 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     mz.add_argument("--tarball", default=None, help="local .tar.gz (default: fetch from DeepLabCut's HF repo)")
     mz.add_argument("--out", required=True, help="catalog directory for <name>/1.0.0/{card.yaml, <name>.onnx}")
     mz.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs DeepLabCut TF check")
+
+    pz = sub.add_parser("publish-zoo", help="convert, verify and publish every catalog entry with an upstream "
+                        "DeepLabCut checkpoint, with a Hugging Face model card; rewrites the catalog")
+    pz.add_argument("--to", required=True, metavar="hf://org/repo | s3://bucket/prefix")
+    pz.add_argument("--catalog", default="models", help="the catalog to publish and rewrite (default: models)")
+    pz.add_argument("--checkpoints", default=None,
+                    help="directory of upstream files under their upstream names (default: fetch from the Hub)")
+    pz.add_argument("--work", default=None, help="keep the converted catalog here (default: a temporary directory)")
+    pz.add_argument("--only", default=None, help="comma-separated entry names (a top-down model brings its detector)")
+    pz.add_argument("--no-verify", action="store_true", help="skip the checks against DeepLabCut")
+    pz.add_argument("--layout-dir", default=None, help="hf://: lay the repository out here")
+    pz.add_argument("--no-upload", action="store_true", help="hf://: lay out only (needs --layout-dir)")
+    pz.add_argument("--revision", default=None, help="revision to record with --no-upload")
 
     bt = sub.add_parser("bench-modelzoo", help="posezoo (ONNX Runtime) vs DeepLabCut's TF getpose, same network")
     bt.add_argument("--video", required=True)
@@ -109,6 +123,18 @@ def _modelzoo(args) -> int:
     return 0
 
 
+def _publish_zoo(args) -> int:
+    from .publish import publish_zoo
+
+    cards = publish_zoo(args.to, catalog=args.catalog, checkpoints=args.checkpoints, work=args.work,
+                        names=args.only.split(",") if args.only else None, verify=not args.no_verify,
+                        upload=not args.no_upload, layout_dir=args.layout_dir, revision=args.revision)
+    for card in cards:
+        print(f"published {card.ref} -> {card.artefact.locations[0]}/{card.artefact.filename}"
+              f"@{card.artefact.revision or '-'} (sha256 {card.artefact.sha256[:12]}…)")
+    return 0
+
+
 def _bench_modelzoo(args) -> int:
     from .bench import bench_modelzoo, format_modelzoo_result
 
@@ -121,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"superanimal": _superanimal, "bench": _bench, "modelzoo": _modelzoo,
-                "bench-modelzoo": _bench_modelzoo}[args.command](args)
+                "bench-modelzoo": _bench_modelzoo, "publish-zoo": _publish_zoo}[args.command](args)
     except (OSError, RuntimeError, ValueError, PosezooError) as exc:
         print(f"conversion: error: {exc}", file=sys.stderr)
         return 1

@@ -28,14 +28,46 @@ def _checkpoint(card, hf_cache_dir: str | None) -> Path:
         ) from exc
 
 
+def required_modules(card) -> tuple[str, tuple[str, ...]]:
+    """The extra and the modules converting ``card`` needs."""
+    if modelzoo.is_model_zoo_tarball(card.upstream):
+        return "conversion-tf", ("tensorflow", "tf_slim", "deeplabcut", "onnx")
+    return "conversion", ("torch", "torchvision", "timm", "deeplabcut", "onnx")
+
+
+def check_convertible(card) -> None:
+    """Raise ``ZooError`` unless ``card``'s upstream checkpoint is one this package converts."""
+    if card.upstream is None or card.upstream.kind != "huggingface" or not card.upstream.filename:
+        raise ZooError(f"{card.ref}: no upstream DeepLabCut checkpoint to convert from")
+    if not modelzoo.is_model_zoo_tarball(card.upstream):
+        try:
+            parse_checkpoint_filename(card.upstream.filename)
+        except ConversionError as exc:
+            raise ZooError(f"{card.ref}: {exc}") from None
+
+
+def convert_card(zoo, card, checkpoint: str | Path, out: str | Path, *, verify: bool = True):
+    """Convert one catalog entry from its upstream checkpoint file into the catalog directory
+    ``out`` (a TF model-zoo tarball, or a SuperAnimal pose network / detector ``.pt``)."""
+    check_convertible(card)
+    try:
+        if modelzoo.is_model_zoo_tarball(card.upstream):
+            return modelzoo.convert(card.name, checkpoint, out, verify_with_dlc=verify)
+        dataset, arch = parse_checkpoint_filename(card.upstream.filename)
+        if card.task == "detector":
+            return convert_detector(dataset, arch, out, checkpoint=checkpoint, verify=verify)
+        _, det_arch = parse_checkpoint_filename(zoo.card(card.detector).upstream.filename)
+        return convert_pose(dataset, arch, det_arch, out, checkpoint=checkpoint, verify=verify)
+    except ConversionError as exc:
+        raise ZooError(f"{card.ref}: conversion failed: {exc}") from exc
+
+
 def convert_into_cache(zoo, spec: str, *, hf_cache_dir: str | None = None, verify: bool = True) -> list:
     """Convert ``spec`` (and its detector, for a top-down card) into ``zoo.converted_dir``."""
     import importlib.util
 
     card = zoo.card(spec)
-    tf_zoo = modelzoo.is_model_zoo_tarball(card.upstream)
-    needs = ("tensorflow", "tf_slim", "deeplabcut", "onnx") if tf_zoo else ("torch", "torchvision", "timm", "deeplabcut", "onnx")
-    extra = "conversion-tf" if tf_zoo else "conversion"
+    extra, needs = required_modules(card)
     missing = [m for m in needs if importlib.util.find_spec(m) is None]
     if missing:
         raise ZooError(
@@ -43,34 +75,15 @@ def convert_into_cache(zoo, spec: str, *, hf_cache_dir: str | None = None, verif
             f"extra (missing: {', '.join(missing)}): pip install 'posezoo[{extra}]'"
         )
     out = zoo.converted_dir
-    if tf_zoo:
-        if card.artefact.published:
-            return []
-        tarball = _checkpoint(card, hf_cache_dir)
-        try:
-            return [modelzoo.convert(card.name, tarball, out, verify_with_dlc=verify)]
-        except ConversionError as exc:
-            raise ZooError(f"{card.ref}: conversion failed: {exc}") from exc
-    done = []
     todo = [card]
     if card.task == "top_down" and card.detector:
         todo.append(zoo.card(card.detector))
+    done = []
     for c in todo:
         if c.artefact.published:
             continue
-        try:
-            dataset, arch = parse_checkpoint_filename(c.upstream.filename if c.upstream else "")
-        except ConversionError as exc:
-            raise ZooError(f"{c.ref}: {exc}") from None
-        ckpt = _checkpoint(c, hf_cache_dir)
-        try:
-            if c.task == "detector":
-                done.append(convert_detector(dataset, arch, out, checkpoint=ckpt, verify=verify))
-            else:
-                _, det_arch = parse_checkpoint_filename(zoo.card(c.detector).upstream.filename)
-                done.append(convert_pose(dataset, arch, det_arch, out, checkpoint=ckpt, verify=verify))
-        except ConversionError as exc:
-            raise ZooError(f"{c.ref}: conversion failed: {exc}") from exc
+        check_convertible(c)
+        done.append(convert_card(zoo, c, _checkpoint(c, hf_cache_dir), out, verify=verify))
     staging = out / ".staging"
     if staging.is_dir() and not any(staging.iterdir()):
         staging.rmdir()

@@ -184,13 +184,81 @@ def test_zoo_pull_converts_a_model_zoo_tarball(tarballs, tmp_path, monkeypatch):
     assert main(["zoo", "pull", "primate_face"]) == 0 and len(calls) == 1  # cached
 
 
+# -- publish-zoo ----------------------------------------------------------------------------------
+SA_POSE, SA_DET = "superanimal_topviewmouse_resnet_50", "superanimal_topviewmouse_fasterrcnn_mobilenet_v3_large_fpn"
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, tarballs, frames, s3):
+    """`python -m conversion publish-zoo --to s3://BUCKET/zoo` over a copy of the catalog's TF
+    model-zoo entries and a SuperAnimal pose network + detector, from exact-format upstream
+    checkpoints (the TF tarballs, random SuperAnimal ``.pt``), into the real SeaweedFS."""
+    import shutil
+
+    import cv2
+    import yaml
+
+    from conversion import superanimal as sa
+
+    work = tmp_path_factory.mktemp("publish-zoo")
+    catalog, ckpts = work / "catalog", work / "checkpoints"
+    for name in [*JOINTS, SA_POSE, SA_DET]:
+        shutil.copytree(REPO / "models" / name, catalog / name)
+    card = catalog / SA_POSE / "1.0.0" / "card.yaml"  # the light detector, to keep the test short
+    data = yaml.safe_load(card.read_text())
+    data["detector"] = f"{SA_DET}@1.0.0"
+    card.write_text(yaml.safe_dump(data, sort_keys=False))
+    ckpts.mkdir()
+    for tarball in tarballs.values():
+        os.link(tarball, ckpts / tarball.name)
+    crops = np.stack([cv2.resize(f[100:400, 150:450], (256, 256)) for f in frames])
+    st.random_pose_checkpoint("topviewmouse", "resnet_50", ckpts / sa.checkpoint_filename("topviewmouse", "resnet_50"),
+                              crops)
+    st.random_detector_checkpoint("topviewmouse", "fasterrcnn_mobilenet_v3_large_fpn",
+                                  ckpts / sa.checkpoint_filename("topviewmouse", "fasterrcnn_mobilenet_v3_large_fpn"),
+                                  frames[:1])
+    env = {**os.environ, **s3.env(), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "conversion", "publish-zoo", "--to", f"s3://{s3.bucket}/zoo", "--catalog",
+           str(catalog), "--checkpoints", str(ckpts)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("published ") == 5, out.stdout
+    return catalog, env, s3
+
+
+def test_publish_zoo_fills_the_catalog_and_the_bucket(published, tmp_path, monkeypatch):
+    from huggingface_hub import ModelCard as HubCard
+
+    catalog, env, s3 = published
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    zoo = Zoo([catalog], include_bundled=False, cache_dir=tmp_path / "cache")
+    keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="zoo/")["Contents"]}
+    for card in zoo.cards():
+        assert card.artefact.locations == [f"s3://{s3.bucket}/zoo"] and card.artefact.sha256
+        assert f"zoo/{card.artefact.filename}" in keys and f"zoo/cards/{card.name}/1.0.0/card.yaml" in keys
+        assert "difference" in card.upstream.notes  # the parity figure of the check against DeepLabCut
+    assert zoo.card("primate_face").keypoints == JOINTS["primate_face"]
+    readme = s3.client().get_object(Bucket=s3.bucket, Key="zoo/README.md")["Body"].read().decode()
+    hub = HubCard(readme)
+    assert hub.data.license == "other" and "deeplabcut" in hub.data.tags
+    assert "mwmathis/DeepLabCutModelZoo-primate_face" in hub.data.base_model
+    models = {m["name"]: m for m in hub.data.to_dict()["posezoo_models"]}
+    assert set(models) == {*JOINTS, SA_POSE, SA_DET}
+    assert models["horse_sideview"]["keypoints"] == HORSE and "relative max difference" in models["full_dog"]["parity"]
+    for name in models:  # every entry resolves from the bucket into a fresh cache, sha256-checked
+        assert zoo.resolve(name).source.startswith(f"s3://{s3.bucket}/zoo/")
+
+
 @pytest.mark.parametrize("species", ["dog", "horse", "primate", "mouse"])
-def test_predict_by_species_over_the_real_video(species, converted, tmp_path):
-    """`posezoo predict VIDEO --species S` picks the catalog's recommended ready model (the
-    converted ones, and the bundled mouse model) and writes a table movement loads."""
+def test_predict_by_species_over_the_real_video(species, published, tmp_path):
+    """`posezoo predict VIDEO --species S` with the catalog publish-zoo wrote: the recommended
+    ready model (from the S3 bucket; for mouse the bundled model, which ranks first) writes a
+    table movement loads."""
     from movement.io import load_poses
 
-    env = {**os.environ, "POSEZOO_CATALOG": str(converted), "POSEZOO_CACHE": str(tmp_path / "cache")}
+    catalog, s3_env, _ = published
+    env = {**s3_env, "POSEZOO_CATALOG": str(catalog), "POSEZOO_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "posezoo", "predict", str(OPENFIELD_VIDEO), "--species", species, "--out",
            str(tmp_path), "--format", "h5", "--device", "cpu", "--max-frames", "12", "--no-progress"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
