@@ -23,9 +23,9 @@ def dlc_pose_runner(dataset: str, pose_model: str, checkpoint, *, max_individual
     """DeepLabCut's top-down pose InferenceRunner for a checkpoint (CPU)."""
     from deeplabcut.pose_estimation_pytorch.apis.utils import get_inference_runners
 
-    from .superanimal import dlc_config
+    from .superanimal import default_detector, dlc_config
 
-    cfg = dlc_config(dataset, pose_model, "fasterrcnn_resnet50_fpn_v2", max_individuals=max_individuals)
+    cfg = dlc_config(dataset, pose_model, default_detector(dataset, pose_model), max_individuals=max_individuals)
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     pose_runner, _ = get_inference_runners(cfg, snapshot_path=str(checkpoint), max_individuals=max_individuals,
                                            batch_size=batch_size, device="cpu")
@@ -38,7 +38,7 @@ def dlc_detector_runner(dataset: str, detector: str, checkpoint, *, max_individu
 
     from .superanimal import dlc_config, no_weight_download
 
-    cfg = dlc_config(dataset, "hrnet_w32", detector, max_individuals=max_individuals)
+    cfg = dlc_config(dataset, None, detector, max_individuals=max_individuals)  # the dataset's default pose model
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     with no_weight_download():
         _, det_runner = get_inference_runners(cfg, snapshot_path=None, max_individuals=max_individuals,
@@ -64,14 +64,14 @@ def bench_crops(video: str, dataset: str, pose_model: str, checkpoint, onnx_path
     from posezoo.topdown import CropPoseModel, estimate_poses
     from posezoo.video import iter_frames
 
-    from .superanimal import pose_card
+    from .superanimal import default_detector, pose_card
 
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     imgs = list(iter_frames(video, colour_order="RGB", max_frames=frames))
     wh = (imgs[0].shape[1], imgs[0].shape[0])
     boxes = [fixed_boxes(wh, animals)] * len(imgs)
-    card = pose_card(dataset, pose_model, "fasterrcnn_resnet50_fpn_v2", locations=["local"])
+    card = pose_card(dataset, pose_model, default_detector(dataset, pose_model), locations=["local"])
     pz = CropPoseModel(card, onnx_path, device="cpu", threads=threads)
     dlc = dlc_pose_runner(dataset, pose_model, checkpoint, max_individuals=animals, batch_size=batch_size)
 

@@ -106,6 +106,48 @@ def random_detector_checkpoint(dataset: str, detector: str, path: str | Path, ca
     return save_checkpoint(det, path)
 
 
+def random_ssdlite_checkpoint(dataset: str, path: str | Path, calibration_frames: np.ndarray, seed: int = 0,
+                              animal_bias: float = 3.0, score_weight_std: float = 0.05) -> Path:
+    """A random DeepLabCut SSDLite checkpoint (torchvision ``ssdlite320_mobilenet_v3_large``) whose
+    boxes have distinct, high "animal" scores.
+
+    Every BatchNorm (backbone and the SSDLite head's depthwise blocks) is calibrated on
+    ``calibration_frames`` (uint8 RGB ``(n, h, w, 3)``) as the graph sees them (after
+    torchvision's transform: 320x320, normalised to [-1, 1]); each feature map's class
+    predictor gets small random weights and a bias favouring class 1 ("animal") for each
+    anchor (channels are ordered anchor-major, class-minor).
+    """
+    import torch
+
+    torch.manual_seed(seed)
+    det = build_detector(dataset, "ssdlite")
+    tv = det.model
+
+    class BackboneAndHead(torch.nn.Module):  # what runs on the resized images, BatchNorm included
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.head = tv.backbone, tv.head
+
+        def forward(self, x):
+            return self.head(list(self.backbone(x).values()))
+
+    if len(calibration_frames) < 2:  # the last feature maps are 1x1: train-mode BatchNorm needs a batch
+        raise ValueError("random_ssdlite_checkpoint needs at least 2 calibration frames")
+    frames = torch.from_numpy(normalise(calibration_frames))
+    images, _ = tv.transform([f for f in frames])
+    calibrate_batchnorm(BackboneAndHead(), [images.tensors])
+    n_classes = 2
+    with torch.no_grad():
+        for block in tv.head.classification_head.module_list:
+            conv = block[-1]
+            conv.weight.normal_(0.0, score_weight_std)
+            bias = torch.zeros(conv.out_channels // n_classes, n_classes)
+            bias[:, 1] = animal_bias
+            conv.bias.copy_(bias.reshape(-1))
+    det.eval()
+    return save_checkpoint(det, path)
+
+
 # -- DeepLabCut 2.x TensorFlow model-zoo tarballs -------------------------------------------------
 def modelzoo_pose_cfg(joints: list[str], net_type: str = "resnet_50") -> dict:
     """A model-zoo ``pose_cfg.yaml`` as DeepLabCut 2.x writes it for a single-animal ResNet

@@ -118,6 +118,25 @@ class DetectorSpec(_Strict):
     architecture: str | None = None
 
 
+class SimCCSpec(_Strict):
+    """SimCC coordinate classification outputs (RTMPose heads) and how to decode them
+    (DeepLabCut's ``SimCCPredictor``; see :func:`posezoo.decoding.decode_simcc`).
+
+    ``x`` / ``y`` name the outputs ``(N, K, W * split_ratio)`` and ``(N, K, H * split_ratio)``;
+    the logits are scaled by ``sigma * beta`` (or, with ``normalize``, divided by their
+    maximum), soft-maxed per axis when ``apply_softmax``, and each axis's argmax divided by
+    ``split_ratio`` is the position in crop pixels.
+    """
+
+    x: str = "simcc_x"
+    y: str = "simcc_y"
+    split_ratio: float = Field(2.0, gt=0)
+    sigma: tuple[float, float] = (6.0, 6.0)
+    beta: float = Field(150.0, gt=0)
+    apply_softmax: bool = True
+    normalize: bool = False
+
+
 class TopDownSpec(_Strict):
     """How a top-down pose model crops detections (DeepLabCut's ``top_down_crop``):
     keep the box centre, grow it to the crop's aspect ratio (``with_context``), add
@@ -162,8 +181,10 @@ class ModelCard(_Strict):
     flip_pairs: list[tuple[str, str]] = Field(default_factory=list)
     input: InputSpec = Field(default_factory=InputSpec)
     outputs: OutputSpec = Field(default_factory=OutputSpec)
-    decoder: Literal["heatmap_argmax_locref", "detector_boxes"] = "heatmap_argmax_locref"
+    decoder: Literal["heatmap_argmax_locref", "detector_boxes", "simcc"] = "heatmap_argmax_locref"
     detection: DetectorSpec | None = None
+    #: the SimCC outputs and decoding parameters (``decoder: simcc``)
+    simcc: SimCCSpec | None = None
     top_down: TopDownSpec | None = None
     artefact: Artefact
     upstream: Upstream | None = None
@@ -186,6 +207,10 @@ class ModelCard(_Strict):
     def _consistent(self) -> "ModelCard":
         if self.task == "top_down" and not self.detector:
             raise ValueError("a top_down card must name its detector card")
+        if (self.decoder == "simcc") != (self.simcc is not None):
+            raise ValueError("decoder 'simcc' needs a simcc section (and only it takes one)")
+        if self.decoder == "simcc" and self.task != "top_down":
+            raise ValueError("decoder 'simcc' is supported for top_down cards only")
         if self.task != "detector" and not self.keypoints and not self.keypoints_from_artefact:
             raise ValueError("keypoints are required (or set keypoints_from_artefact)")
         if len(set(self.keypoints)) != len(self.keypoints):

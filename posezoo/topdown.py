@@ -3,7 +3,7 @@
 Everything here reproduces DeepLabCut 3's top-down pipeline (``build_top_down_preprocessor``,
 ``top_down_crop``, ``HeatmapPredictor``, ``build_top_down_postprocessor``) on ONNX Runtime:
 
-- :class:`BoxDetector` runs a converted torchvision Faster R-CNN (batch of one frame; the
+- :class:`BoxDetector` runs a converted torchvision Faster R-CNN or SSDLite (batch of one frame; the
   frame is normalised as DeepLabCut does, the graph normalises and resizes again as
   torchvision's ``GeneralizedRCNNTransform`` does) and keeps the ``max_individuals`` best
   boxes above the score threshold.
@@ -11,7 +11,8 @@ Everything here reproduces DeepLabCut 3's top-down pipeline (``build_top_down_pr
   (keep the box centre, grow to the crop's aspect ratio, integer-rounded corners,
   zero padding outside the frame, ``cv2.resize`` INTER_LINEAR on the uint8 crop).
 - :class:`TopDownPredictor` batches the crops of many frames into one ONNX Runtime call,
-  decodes the heatmaps with :func:`posezoo.decoding.decode_heatmaps` and maps them back
+  decodes the heatmaps with :func:`posezoo.decoding.decode_heatmaps` (RTMPose's SimCC vectors
+  with :func:`posezoo.decoding.decode_simcc`) and maps them back
   (``x * scale + offset``).
 - :class:`Tracker` (one per :meth:`TopDownPredictor.predict_video` call, the only mutable
   state) keeps ``animal0 ... animalN`` on the same animals with the Hungarian algorithm
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .cards import DetectorSpec, ModelCard, TopDownSpec
-from .decoding import decode_heatmaps
+from .decoding import decode_heatmaps, decode_simcc
 from .errors import InputError, PosezooError
 from .predictor import FrameLoop, StageTimes, finish_poses
 from .runtime import OrtModel, normalise_batch
@@ -236,7 +237,10 @@ class CropPoseModel:
         self.card = card
         self.model = OrtModel(model_path, device=device, threads=threads)
         o = card.outputs
-        self._outputs = [o.heatmap] + ([o.locref] if o.locref else [])
+        if card.decoder == "simcc":
+            self._outputs = [card.simcc.x, card.simcc.y]
+        else:
+            self._outputs = [o.heatmap] + ([o.locref] if o.locref else [])
         missing = [n for n in self._outputs if n not in self.model.output_names]
         if missing or card.input.input_name not in self.model.input_names:
             raise PosezooError(
@@ -250,12 +254,17 @@ class CropPoseModel:
         return self.crop_hw[1], self.crop_hw[0]
 
     def raw(self, crops: np.ndarray) -> dict[str, np.ndarray]:
-        """``(n, h, w, 3)`` uint8 crops -> the network's outputs (heatmaps, locref)."""
+        """``(n, h, w, 3)`` uint8 crops -> the network's outputs (heatmaps, locref; or SimCC x, y)."""
         x = normalise_batch(crops, self.card.input, self.crop_hw)
         return self.model.run({self.card.input.input_name: x}, self._outputs)
 
     def decode(self, out: dict[str, np.ndarray]) -> np.ndarray:
-        """Network outputs -> keypoints ``(n, K, 3)`` in crop pixels (DeepLabCut's HeatmapPredictor)."""
+        """Network outputs -> keypoints ``(n, K, 3)`` in crop pixels (DeepLabCut's HeatmapPredictor,
+        or SimCCPredictor for ``decoder: simcc``; a SimCC keypoint without position is NaN)."""
+        if self.card.decoder == "simcc":
+            s = self.card.simcc
+            return decode_simcc(out[s.x], out[s.y], split_ratio=s.split_ratio, apply_softmax=s.apply_softmax,
+                                normalize=s.normalize, sigma=s.sigma, beta=s.beta)
         o = self.card.outputs
         kw = {"stride": o.stride} if o.nominal_stride else {"input_hw": self.crop_hw}
         return decode_heatmaps(out[o.heatmap], out.get(o.locref) if o.locref else None, locref_std=o.locref_std,

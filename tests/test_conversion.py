@@ -147,12 +147,13 @@ def test_converted_cards_describe_deeplabcut(converted):
 def test_bundled_catalog_matches_conversion():
     """The catalog's unpublished cards say what the converter writes (only the artefact differs)."""
     zoo = Zoo(include_bundled=True)
-    for dataset in sa.DATASETS:
-        for arch in sa.POSE_MODELS:
-            want = sa.pose_card(dataset, arch, QUAD_DET)
+    for dataset in sa.DATASETS:  # every pose model and detector DeepLabCut publishes (bird, RTMPose, SSDLite...)
+        pose_models, detectors = sa.UPSTREAM_ARCHS[dataset]
+        for arch in pose_models:
+            want = sa.pose_card(dataset, arch, sa.default_detector(dataset, arch))
             have = zoo.card(want.name)
             assert have.model_dump(exclude={"artefact", "upstream"}) == want.model_dump(exclude={"artefact", "upstream"})
-        for det in sa.DETECTORS:
+        for det in detectors:
             want = sa.detector_card(dataset, det)
             assert zoo.card(want.name).model_dump(exclude={"artefact", "upstream"}) == want.model_dump(
                 exclude={"artefact", "upstream"})
