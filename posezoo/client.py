@@ -317,7 +317,7 @@ class Client:
         return job or self.job(job_id)
 
     def download(self, job_id: str, kind: str, dest: str | os.PathLike = ".") -> Path:
-        """Download one result (``h5``, ``csv``, ``json``, ``parquet``, ``video``, ``meta``), streamed to
+        """Download one result (``h5``, ``csv``, ``json``, ``parquet``, ``nwb``, ``slp``, ``video``, ``meta``), streamed to
         ``dest`` (a directory keeps the server's file name); follows presigned S3 URLs (without the key)."""
         import httpx
 
@@ -440,7 +440,8 @@ class Client:
 
 
 #: What each result kind's file name ends with (the service's naming).
-RESULT_SUFFIXES = {"h5": ".h5", "csv": ".csv", "json": ".json", "parquet": ".parquet", "video": ".mp4",
+RESULT_SUFFIXES = {"h5": ".h5", "csv": ".csv", "json": ".json", "parquet": ".parquet", "nwb": ".nwb", "slp": ".slp",
+                   "video": ".mp4",
                    "meta": ".meta.json"}
 
 

@@ -298,7 +298,8 @@ class PosePredictor:
         meta = self._metadata(info, times, loop.done, batch_size)
         data = finish_poses(data, meta, loop, info, pcutoff=self.card.pcutoff, allow_truncated=allow_truncated,
                             filter=filter, filter_window=filter_window, max_jump=max_jump)
-        return PoseTable(data, tuple(self.card.keypoints), ("animal0",), self.card.ref, meta)
+        return PoseTable(data, tuple(self.card.keypoints), ("animal0",), self.card.ref, meta,
+                         skeleton=tuple(self.card.skeleton))
 
     def _metadata(self, info, times: StageTimes, n_frames: int, batch_size: int) -> dict:
         total = max(times.total, 1e-9)

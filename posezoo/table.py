@@ -17,7 +17,7 @@ import pandas as pd
 from .errors import InputError
 from .safe_hdf import read_hdf_safely
 
-FORMATS = ("h5", "csv", "json", "parquet")
+FORMATS = ("h5", "csv", "json", "parquet", "nwb", "slp")
 DLC_H5_KEY = "df_with_missing"
 DLC_COLUMN_LEVELS = ["scorer", "individuals", "bodyparts", "coords"]
 COORDS = ["x", "y", "likelihood"]
@@ -43,6 +43,8 @@ class PoseTable:
         detector's score (NaN where the box was carried from the previous pose, or
         there was no animal). Written to the JSON output; DeepLabCut's tables have no place
         for it.
+    skeleton : tuple of (str, str)
+        The model's edges (written to the JSON, NWB and SLEAP outputs).
     """
 
     data: np.ndarray
@@ -51,6 +53,7 @@ class PoseTable:
     scorer: str = "posezoo"
     metadata: dict = field(default_factory=dict)
     boxes: np.ndarray | None = None
+    skeleton: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         d = np.asarray(self.data, dtype=np.float32)
@@ -70,6 +73,11 @@ class PoseTable:
             object.__setattr__(self, "boxes", b)
         object.__setattr__(self, "keypoints", tuple(self.keypoints))
         object.__setattr__(self, "individuals", tuple(self.individuals))
+        skeleton = tuple((str(a), str(b)) for a, b in self.skeleton)
+        unknown = sorted({k for e in skeleton for k in e} - set(self.keypoints))
+        if unknown:
+            raise InputError(f"skeleton names keypoints the table does not have: {unknown}")
+        object.__setattr__(self, "skeleton", skeleton)
 
     # -- shape ----------------------------------------------------------------------------
     @property
@@ -179,26 +187,41 @@ class PoseTable:
             for doc, per_frame in zip(frames, boxes.tolist()):
                 doc["boxes"] = {ind: (box if box[0] is not None else None)
                                 for ind, box in zip(self.individuals, per_frame)}
+        from .render import keypoint_colours
+
+        def hexes(n):
+            return ["#%02x%02x%02x" % tuple(c) for c in keypoint_colours(n).tolist()]
+
         doc = {
             "scorer": self.scorer,
             "keypoints": list(self.keypoints),
             "individuals": list(self.individuals),
+            "skeleton": [list(e) for e in self.skeleton],
+            # the labelled video's colours: per keypoint, and per animal where there are several
+            "colours": {"keypoints": hexes(len(self.keypoints)), "individuals": hexes(len(self.individuals))},
             "coords": COORDS,
-            "metadata": self.metadata,
+            "metadata": portable(self.metadata),
             "frames": frames,
         }
         path.write_text(json.dumps(doc, allow_nan=False, separators=(",", ":")))
         return path
 
     def to_long_dataframe(self) -> pd.DataFrame:
-        """One row per frame x individual x keypoint: ``frame, individual, keypoint, x, y, likelihood``."""
+        """One row per frame x individual x keypoint: ``frame, time, individual, keypoint, x, y,
+        likelihood``; ``time`` in seconds from the video's fps (NaN when unknown); the
+        individual and keypoint categories in the model's order."""
         nf, ni, nk, _ = self.data.shape
         flat = self.data.reshape(-1, 3)
+        frame = np.repeat(np.arange(nf, dtype=np.int64), ni * nk)
+        fps = (self.metadata.get("video") or {}).get("fps")
         return pd.DataFrame(
             {
-                "frame": np.repeat(np.arange(nf, dtype=np.int64), ni * nk),
-                "individual": pd.Categorical(np.tile(np.repeat(np.array(self.individuals), nk), nf)),
-                "keypoint": pd.Categorical(np.tile(np.array(self.keypoints), nf * ni)),
+                "frame": frame,
+                "time": frame / float(fps) if fps else np.full(len(frame), np.nan),
+                "individual": pd.Categorical(np.tile(np.repeat(np.array(self.individuals), nk), nf),
+                                             categories=list(self.individuals), ordered=True),
+                "keypoint": pd.Categorical(np.tile(np.array(self.keypoints), nf * ni),
+                                           categories=list(self.keypoints), ordered=True),
                 "x": flat[:, 0],
                 "y": flat[:, 1],
                 "likelihood": flat[:, 2],
@@ -211,12 +234,24 @@ class PoseTable:
 
         path = Path(path)
         table = pa.Table.from_pandas(self.to_long_dataframe(), preserve_index=False)
-        meta = {**(table.schema.metadata or {}), b"posezoo": json.dumps(self.metadata).encode()}
+        meta = {**(table.schema.metadata or {}), b"posezoo": json.dumps(portable(self.metadata)).encode()}
         pq.write_table(table.replace_schema_metadata(meta), path)
         return path
 
+    def to_nwb(self, path: str | Path) -> Path:
+        """NWB with ndx-pose ``PoseEstimation`` (see :func:`posezoo.exports.to_nwb`)."""
+        from .exports import to_nwb
+
+        return to_nwb(self, path)
+
+    def to_slp(self, path: str | Path) -> Path:
+        """SLEAP labels, every frame (see :func:`posezoo.exports.to_slp`)."""
+        from .exports import to_slp
+
+        return to_slp(self, path)
+
     def save(self, out: str | Path, formats: tuple[str, ...] | list[str] = ("h5",), stem: str | None = None) -> dict[str, Path]:
-        """Write the table in each of ``formats`` (h5, csv, json, parquet) plus a
+        """Write the table in each of ``formats`` (h5, csv, json, parquet, nwb, slp) plus a
         ``.meta.json`` sidecar.
 
         ``out`` is a directory (files are named ``<stem>.<ext>``) or, for one format,
@@ -232,12 +267,25 @@ class PoseTable:
         else:
             base = out / (stem or self.scorer.replace("@", "_"))
         base.parent.mkdir(parents=True, exist_ok=True)
-        writers = {"h5": self.to_h5, "csv": self.to_csv, "json": self.to_json, "parquet": self.to_parquet}
+        writers = {"h5": self.to_h5, "csv": self.to_csv, "json": self.to_json, "parquet": self.to_parquet,
+                   "nwb": self.to_nwb, "slp": self.to_slp}
         paths = {fmt: writers[fmt](base.with_name(f"{base.name}.{fmt}")) for fmt in formats}
         meta = base.with_name(f"{base.name}.meta.json")
         meta.write_text(json.dumps(self.metadata, indent=2, default=_json_default))
         paths["meta"] = meta
         return paths
+
+
+def portable(metadata):
+    """``metadata`` with every absolute path replaced by its file name: the outputs meant to be
+    shared (JSON, Parquet) say which video and model, never where they were on the machine."""
+    if isinstance(metadata, dict):
+        return {k: portable(v) for k, v in metadata.items()}
+    if isinstance(metadata, list):
+        return [portable(v) for v in metadata]
+    if isinstance(metadata, str) and (metadata.startswith("/") or (len(metadata) > 2 and metadata[1:3] == ":\\")):
+        return Path(metadata).name
+    return metadata
 
 
 def _require_numeric(df: pd.DataFrame, path: Path) -> None:

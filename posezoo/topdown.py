@@ -583,7 +583,8 @@ class TopDownPredictor:
         data = finish_poses(data, meta, loop, info, pcutoff=self.card.pcutoff, allow_truncated=allow_truncated,
                             filter=filter, filter_window=filter_window, max_jump=max_jump)
         individuals = tuple(f"animal{i}" for i in range(n_keep))
-        return PoseTable(data, tuple(self.card.keypoints), individuals, self.card.ref, meta, boxes=boxes_all)
+        return PoseTable(data, tuple(self.card.keypoints), individuals, self.card.ref, meta, boxes=boxes_all,
+                         skeleton=tuple(self.card.skeleton))
 
     def _metadata(self, info, times: StageTimes, n_frames: int, batch_size: int) -> dict:
         total = max(times.total, 1e-9)

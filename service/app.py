@@ -46,7 +46,7 @@ from posezoo.jobs import (
 log = logging.getLogger("posezoo.service")
 
 PREFIX = "/v1"
-ResultKind = Literal["h5", "csv", "json", "parquet", "video", "meta"]
+ResultKind = Literal["h5", "csv", "json", "parquet", "nwb", "slp", "video", "meta"]
 MULTIPART_SLACK = 1 << 20
 
 _ERR = {"model": ErrorBody}
@@ -171,7 +171,7 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
         request: Request,
         who: str = Depends(owner),
         model: str | None = Query(None, description="zoo model name[@version] or alias"),
-        formats: str | None = Query(None, description="comma-separated: h5,csv,json,parquet (default h5,csv)"),
+        formats: str | None = Query(None, description="comma-separated: h5,csv,json,parquet,nwb,slp (default h5,csv)"),
         labeled_video: bool | None = Query(None, description="render an H.264 labelled video (default false)"),
         batch_size: int | None = Query(None, ge=1, le=256),
         filter: Literal["median", "savgol"] | None = Query(None),
@@ -280,13 +280,14 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
     @app.get("/jobs/{job_id}/results/{kind}", tags=["jobs"], summary="Download a result", responses={
         **ERRORS, 200: {"description": "the file (Range requests supported)", "content": {
             "application/x-hdf5": {}, "text/csv": {}, "application/json": {}, "application/vnd.apache.parquet": {},
+            "application/x-nwb": {}, "application/x-sleap": {},
             "video/mp4": {}}},
         307: {"description": "redirect to a presigned S3 URL (results kept in S3)"}})
     async def get_result(job_id: str = JobId, kind: ResultKind = Path(..., description="result kind"),
                          who: str = Depends(owner),
                          redirect: bool = Query(True, description="for S3 results: redirect (true) or answer "
                                                                   "{\"url\": presigned URL} (false)")):
-        """`h5`, `csv`, `json`, `parquet` (pose tables), `video` (labelled H.264 MP4) or `meta` (metadata JSON)."""
+        """`h5`, `csv`, `json`, `parquet`, `nwb`, `slp` (pose tables), `video` (labelled H.264 MP4) or `meta` (metadata JSON)."""
         m = manager()
         rec, rf = await run_in_threadpool(m.result, job_id, who, kind)
         if rf.location == "local":

@@ -262,12 +262,16 @@ def test_client_predict_all_outputs(server, videos, tmp_path):
     from posezoo.client import Client
 
     with Client(server.url, api_key=KEYS["alice"], progress=False) as client:
-        result = client.predict(videos["short"], formats=["h5", "csv", "json", "parquet"], labeled_video=True,
-                                out=tmp_path)
+        result = client.predict(videos["short"], formats=["h5", "csv", "json", "parquet", "nwb", "slp"],
+                                labeled_video=True, out=tmp_path)
     job = result.job
     assert job["status"] == "succeeded" and job["model"].startswith(TINY) and job["progress"]["fraction"] == 1.0
     assert result.table.n_frames == 40 and result.table.keypoints == ("snout", "leftear", "rightear", "tailbase")
-    assert set(result.paths) == {"h5", "csv", "json", "parquet", "video", "meta"}
+    assert set(result.paths) == {"h5", "csv", "json", "parquet", "nwb", "slp", "video", "meta"}
+    import sleap_io
+
+    assert len(sleap_io.load_slp(str(result.paths["slp"]))) == 40
+    assert load_poses.from_nwb_file(result.paths["nwb"]).sizes["time"] == 40
     ds = load_poses.from_dlc_file(result.paths["h5"], fps=30)
     assert ds.sizes["time"] == 40
     with av.open(str(result.paths["video"])) as c:

@@ -66,7 +66,7 @@ def test_json_and_parquet(table, tmp_path):
     assert doc["frames"][3]["poses"]["animal0"][1][0] == pytest.approx(table.data[3, 0, 1, 0], abs=1e-3)
     pt = pq.read_table(paths["parquet"])
     long = pt.to_pandas()
-    assert list(long.columns) == ["frame", "individual", "keypoint", "x", "y", "likelihood"]
+    assert list(long.columns) == ["frame", "time", "individual", "keypoint", "x", "y", "likelihood"]
     assert len(long) == 50 * 2 * 3
     row = long[(long.frame == 3) & (long.individual == "animal1") & (long.keypoint == "tail_base")].iloc[0]
     assert row.x == pytest.approx(table.data[3, 1, 2, 0])

@@ -23,6 +23,8 @@ RESULT_KINDS: dict[str, tuple[str, str]] = {
     "csv": (".csv", "text/csv; charset=utf-8"),
     "json": (".json", "application/json"),
     "parquet": (".parquet", "application/vnd.apache.parquet"),
+    "nwb": (".nwb", "application/x-nwb"),
+    "slp": (".slp", "application/x-sleap"),
     "video": ("_labeled.mp4", "video/mp4"),
     "meta": (".meta.json", "application/json"),
 }
