@@ -410,7 +410,8 @@ def test_top_down_jobs_through_the_service(converted, tmp_path_factory, tmp_path
         for packet in out.encode():
             dst.mux(packet)
     d = tmp_path_factory.mktemp("service-top-down")
-    srv = start_server(d / "data", {**key_env(workers=1, threads=2), "POSEZOO_CATALOG": str(converted),
+    srv = start_server(d / "data", {**key_env(workers=1, threads=2, finetune_threads=2, max_finetune_steps=50),
+                                    "POSEZOO_CATALOG": str(converted),
                                     "POSEZOO_CACHE": str(d / "cache")})
     try:
         url = f"{srv.url}/v1"
@@ -450,5 +451,44 @@ def test_top_down_jobs_through_the_service(converted, tmp_path_factory, tmp_path
                          content=png.tobytes(), timeout=120).json()
         assert doc["individuals"] and len(doc["individuals"][0]["keypoints"]) == 27, doc
         assert doc["keypoints"] == doc["individuals"][0]["keypoints"]
+
+        # a fine-tune job from the top-down base: real openfield labels under SuperAnimal's names
+        # train a new pose network on crops of each labelled mouse, for the base's detector
+        import zipfile
+
+        from test_labelled import make_copy
+
+        label = make_copy(tmp_path / "ft", range(6))
+        names = {"snout": "nose", "leftear": "left_ear", "rightear": "right_ear", "tailbase": "tail_base"}
+        lines = label.read_text().splitlines()
+        lines[1] = ",".join(names.get(c, c) for c in lines[1].split(","))
+        label.write_text("\n".join(lines) + "\n")
+        zpath = tmp_path / "ft.zip"
+        with zipfile.ZipFile(zpath, "w") as z:
+            for f in sorted(label.parent.iterdir()):
+                z.write(f, f"labeled-data/m4s1/{f.name}")
+        r = httpx.post(f"{url}/finetune", headers={**auth(), "Content-Type": "application/zip"},
+                       params={"base_model": "superanimal_topviewmouse", "steps": 3, "batch_size": 2,
+                               "head_width": 16, "name": "mouse-td"}, content=zpath.read_bytes(), timeout=60)
+        assert r.status_code == 202, r.text
+        ft = wait_job(srv, r.json()["id"], timeout=600)
+        assert ft["status"] == "succeeded", ft
+        ref = ft["output_model"]
+        card = httpx.get(f"{url}/models/{ref}", headers=auth()).json()
+        assert card["task"] == "top_down" and card["detector"] == f"superanimal_topviewmouse_{MOUSE_DET}@1.0.0"
+        # the labelled subset of the base's keypoints, in the base's order
+        assert card["input"]["size"] == [256, 256] and card["keypoints"] == ["nose", "left_ear", "right_ear", "tail_base"]
+        assert card["training"]["base_model"] == "superanimal_topviewmouse@1.0.0"
+        assert ft["metrics"]["test"]["overall"]["mean_px"] is not None
+        mine = {m["ref"]: m for m in httpx.get(f"{url}/models", headers=auth()).json()}
+        assert mine[ref]["ready"]
+        r = httpx.post(f"{url}/jobs", headers=auth(), content=clip.read_bytes(),
+                       params={"model": ref, "max_individuals": 2, "formats": "h5", "filename": "clip.mp4"})
+        assert r.status_code == 202, r.text
+        job = wait_job(srv, r.json()["id"], timeout=600)
+        assert job["status"] == "succeeded", job
+        h5.write_bytes(httpx.get(f"{srv.url}{job['results']['h5']}", headers=auth()).content)
+        ds = load_poses.from_dlc_file(h5, fps=30)
+        assert ds.sizes["time"] == 24 and ds.sizes["keypoints"] == 4
     finally:
         srv.stop()

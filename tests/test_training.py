@@ -208,3 +208,31 @@ def test_train_cli_without_torch_says_what_to_install(tmp_path):
     r = subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None\nimport posezoo, posezoo.evaluate,"
                         " posezoo.labelled, posezoo.cli"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr  # inference and evaluation never import torch
+
+
+def test_labelled_crops_are_the_runtimes_crops():
+    """Top-down fine-tunes train on crops cut exactly as the runtime cuts a detection box, and
+    the labels move with them (crop -> frame is the runtime's own mapping)."""
+    from posezoo.cards import TopDownSpec
+    from posezoo.labelled import load_labelled
+    from posezoo.topdown import crop_regions, make_crops, xyxy_to_xywh
+    from posezoo.training import TopDownTarget
+    from posezoo.training.pipeline import labelled_crops
+
+    from test_labelled import CSV
+
+    data = load_labelled(CSV)
+    images, coords = data.load_images("RGB")[:3], data.coords[:3]
+    target = TopDownTarget(detector="d@1", crop=TopDownSpec(margin=0, with_context=True))
+    crops, crop_coords = labelled_crops(images, coords, (256, 256), target)
+    assert crops.shape == (3, 256, 256, 3) and crop_coords.shape == coords.shape
+    for i in range(3):
+        pts = coords[i][np.isfinite(coords[i]).all(1)]
+        pad = 0.15 * float((pts.max(0) - pts.min(0)).max()) + 2.0
+        box = np.array([[*(pts.min(0) - pad), *(pts.max(0) + pad)]], np.float32)
+        reg = crop_regions(xyxy_to_xywh(box), (256, 256), (data.image_size[0], data.image_size[1]))
+        np.testing.assert_array_equal(crops[i], make_crops(images[i], reg, (256, 256))[0])
+        back = crop_coords[i] * reg["scale"][0] + reg["offset"][0]
+        np.testing.assert_allclose(back, coords[i], atol=1e-6)
+        inside = np.isfinite(crop_coords[i]).all(1)
+        assert ((crop_coords[i][inside] >= 0) & (crop_coords[i][inside] <= 256)).all()

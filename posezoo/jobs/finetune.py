@@ -128,18 +128,25 @@ def plan(root: Path, opts: FinetuneOptions, card, settings) -> Plan:
     if len(data) > settings.max_finetune_frames:
         raise UploadError(f"{label.relative_to(root)}: {len(data)} labelled frames, over this server's limit of "
                           f"{settings.max_finetune_frames}", 413, "too_large")
+    ckpt = (card.training or {}).get("checkpoint")
+    init = opts.init
+    if init == "auto":
+        init = "base" if ckpt else "imagenet"
+    # From ImageNet weights the new model may keep a subset of the base's keypoints (those the
+    # labels have, in the base's order; e.g. 4 of SuperAnimal's 27); from the base's own
+    # checkpoint its head needs them all.
+    unknown = [k for k in data.keypoints if k not in card.keypoints]
     try:
-        data = check_keypoints(data, card.keypoints)
+        if init == "base" or unknown:  # raises, naming what the card lacks or the labels miss
+            data = check_keypoints(data, card.keypoints)
+        else:
+            data = data.select_keypoints([k for k in card.keypoints if k in data.keypoints])
     except InputError as exc:
         raise _bad_data(exc, root) from None
     labelled = int(data.visible.any(axis=1).sum())
     if labelled < 2:
         raise UploadError(f"{label.relative_to(root)}: {labelled} labelled frame(s); at least 2 are needed (one is "
                           "held out to evaluate the new model)", 422, "invalid_labelled_data")
-    ckpt = (card.training or {}).get("checkpoint")
-    init = opts.init
-    if init == "auto":
-        init = "base" if ckpt else "imagenet"
     if init == "base" and not ckpt:
         raise UploadError(f"{card.ref}: its card records no training checkpoint, so it cannot be fine-tuned; "
                           "pass init=imagenet to train from ImageNet weights with its keypoints", 422,
@@ -154,7 +161,8 @@ def plan(root: Path, opts: FinetuneOptions, card, settings) -> Plan:
         input_hw = tuple(card.input.size) if card.input.size != "any" else (240, 320)
     w, h = data.image_size
     sw, sh = w / input_hw[1], h / input_hw[0]
-    if abs(sw - sh) > 1e-6 * sw:
+    # a top-down model trains on crops of its input size around each animal: any frame size
+    if card.task != "top_down" and abs(sw - sh) > 1e-6 * sw:
         raise UploadError(f"{label.relative_to(root)}: frames of {w}x{h} do not have the aspect ratio of "
                           f"{card.ref}'s {input_hw[1]}x{input_hw[0]} input", 422, "invalid_labelled_data")
     steps = opts.steps or settings.finetune_steps
@@ -172,7 +180,7 @@ def plan(root: Path, opts: FinetuneOptions, card, settings) -> Plan:
         raise _bad_data(exc, root) from None
     if len(test) == 0:
         raise UploadError("the held-out split is empty: every frame would be trained on", 422, "invalid_labelled_data")
-    return Plan(str(label.relative_to(root)), list(card.keypoints), len(data), len(train),
+    return Plan(str(label.relative_to(root)), list(data.keypoints), len(data), len(train),
                 [data.paths[i].name for i in test], data.image_size, init, input_hw, steps, batch, opts.head_width)
 
 
@@ -195,9 +203,14 @@ def child_spec(p: Plan, root: Path, card, name: str, version: str, work: Path, z
         "info": {"name": name, "version": version, "species": list(card.species), "view": card.view,
                  "description": f"{name}@{version}: fine-tuned from {card.ref} by a posezoo service job "
                                 f"({p.train_frames} training frames, {p.steps} steps).",
-                 "skeleton": [list(e) for e in card.skeleton], "flip_pairs": [list(e) for e in card.flip_pairs],
+                 "skeleton": [list(e) for e in card.skeleton if set(e) <= set(p.keypoints)],
+                 "flip_pairs": [list(e) for e in card.flip_pairs if set(e) <= set(p.keypoints)],
                  "licence": card.licence or "Apache-2.0", "citation": card.citation or ""},
         "init": p.init, "base": card.ref,
+        # a top-down base: the new model's pose network is trained on crops, for the base's detector
+        "top_down": ({"detector": card.detector, "max_individuals": card.max_individuals,
+                      "crop": (card.top_down.model_dump() if card.top_down else {})}
+                     if card.task == "top_down" else None),
         "zoo": {"catalogs": [str(c) for c in zoo.catalogs], "cache_dir": str(zoo.cache_dir),
                 "s3_endpoint": zoo.s3_endpoint, "hf_cache_dir": zoo.hf_cache_dir},
         "config": (card.training or {}).get("config") if p.init == "base" else None,

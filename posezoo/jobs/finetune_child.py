@@ -126,9 +126,18 @@ def run(spec: dict) -> Path:
             emit(event="log", text=text[:500])
         print(text, file=sys.stderr)
 
+    top_down = None
+    if spec.get("top_down"):
+        from posezoo.cards import TopDownSpec
+        from posezoo.training import TopDownTarget
+
+        t = spec["top_down"]
+        top_down = TopDownTarget(detector=t["detector"], crop=TopDownSpec(**t["crop"]),
+                                 max_individuals=t["max_individuals"])
     card = train_model(spec["label_file"], info, spec["store"], cfg=cfg, test=spec["test"],
                        keypoints=spec["keypoints"], init=init, workdir=spec["workdir"],
-                       command=f"POST /v1/finetune (job {spec['job_id']})", progress=True, log=log)
+                       command=f"POST /v1/finetune (job {spec['job_id']})", progress=True, log=log,
+                       top_down=top_down)
     emit(event="stage", stage="registering")
     card_dir = Path(spec["store"]) / card.name / card.version
     training = dict(card.training or {})

@@ -588,9 +588,9 @@ class JobManager:
         base = self.check_model(options.base_model, res.owner)
         zoo = self.zoo_for(res.owner)
         card = zoo.card(base)
-        if card.task != "single_animal":
-            raise InputError(f"{card.ref} is a {card.task} model; fine-tune jobs train single-animal models: "
-                             "choose one as base_model")
+        if card.task == "detector":
+            raise InputError(f"{card.ref} is a detector; fine-tune jobs train pose models: choose a pose model "
+                             "(single-animal or top-down) as base_model")
         root = zip_path.parent / "labelled"
         shutil.rmtree(root, ignore_errors=True)
         extracted = extract_zip(zip_path, root, zip_limits(self.settings))

@@ -15,6 +15,6 @@ except ImportError as exc:  # pragma: no cover - exercised without torch only
 
 from .loop import TrainConfig, fit
 from .model import PoseNet
-from .pipeline import ModelInfo, train_model
+from .pipeline import ModelInfo, TopDownTarget, train_model
 
-__all__ = ["ModelInfo", "PoseNet", "TrainConfig", "fit", "train_model"]
+__all__ = ["ModelInfo", "PoseNet", "TopDownTarget", "TrainConfig", "fit", "train_model"]

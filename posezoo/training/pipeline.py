@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-from ..cards import Artefact, InputSpec, ModelCard, OutputSpec, Upstream
+import numpy as np
+
+from ..cards import Artefact, InputSpec, ModelCard, OutputSpec, TopDownSpec, Upstream
 from ..errors import InputError, PosezooError
 from ..labelled import load_labelled, split_indices
 from ..runtime import normalise_batch
@@ -42,6 +44,57 @@ class ModelInfo:
     flip_pairs: tuple[tuple[str, str], ...] = ()
     licence: str = "Apache-2.0"
     citation: str = ""
+
+
+@dataclass(frozen=True)
+class TopDownTarget:
+    """Train the pose network of a top-down model: on crops around each labelled animal, cut
+    as posezoo's runtime cuts a detection (``crop_regions``/``make_crops``), for ``detector``."""
+
+    detector: str
+    crop: TopDownSpec = TopDownSpec()
+    max_individuals: int = 1
+    #: the labelled points' box is grown by this share of its longer side on every side: the
+    #: keypoints' extent is smaller than the animal a detector boxes
+    box_margin: float = 0.15
+
+
+def labelled_crops(images: np.ndarray, coords: np.ndarray, crop_wh: tuple[int, int], target: TopDownTarget
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """One crop per frame around its labelled points, and the labels in crop pixels.
+
+    Parameters
+    ----------
+    images : ndarray, shape (n, H, W, 3), uint8
+    coords : ndarray, shape (n, K, 2)
+        Labels in frame pixels, NaN where not labelled.
+    crop_wh : (int, int)
+    target : TopDownTarget
+
+    Returns
+    -------
+    crops : ndarray, shape (n, crop_h, crop_w, 3), uint8
+    crop_coords : ndarray, shape (n, K, 2)
+        A frame with fewer than two labelled points is cropped whole.
+    """
+    from ..topdown import crop_regions, make_crops, xyxy_to_xywh
+
+    n, H, W, _ = images.shape
+    crops = np.empty((n, crop_wh[1], crop_wh[0], 3), np.uint8)
+    out = np.full(coords.shape, np.nan, np.float64)
+    for i in range(n):
+        pts = coords[i][np.isfinite(coords[i]).all(axis=1)]
+        if len(pts) >= 2:
+            lo, hi = pts.min(axis=0), pts.max(axis=0)
+            pad = target.box_margin * float((hi - lo).max()) + 2.0
+            box = np.array([[*(lo - pad), *(hi + pad)]], np.float32)
+        else:
+            box = np.array([[0, 0, W, H]], np.float32)
+        reg = crop_regions(xyxy_to_xywh(box), crop_wh, (W, H), margin=target.crop.margin,
+                           with_context=target.crop.with_context)
+        crops[i] = make_crops(images[i], reg, crop_wh)[0]
+        out[i] = (coords[i] - reg["offset"][0]) / reg["scale"][0]
+    return crops, out
 
 
 def input_spec(cfg: TrainConfig) -> InputSpec:
@@ -78,7 +131,8 @@ def resolve_init(init: str | None, zoo: Zoo | None = None) -> Path | None:
 def train_model(labelled: str | Path, info: ModelInfo, store: str | Path, *, cfg: TrainConfig = TrainConfig(),
                 test: list[str] | None = None, test_fraction: float = 0.05, keypoints: list[str] | None = None,
                 init: str | None = None, workdir: str | Path | None = None, catalog: str | Path | None = None,
-                command: str | None = None, progress: bool = True, log=print) -> ModelCard:
+                command: str | None = None, progress: bool = True, log=print,
+                top_down: TopDownTarget | None = None) -> ModelCard:
     """Train on DeepLabCut labelled data and register the result.
 
     Parameters
@@ -101,6 +155,10 @@ def train_model(labelled: str | Path, info: ModelInfo, store: str | Path, *, cfg
         Card destination for remote stores.
     command : str, optional
         The command line that re-trains this model (recorded in the card).
+    top_down : TopDownTarget, optional
+        Train a top-down model's pose network, on crops of ``cfg.input_hw`` around each
+        labelled animal; the card names ``top_down.detector``. It is evaluated on crops of
+        the held-out frames' labelled boxes (the detector is not run).
 
     Returns
     -------
@@ -117,14 +175,18 @@ def train_model(labelled: str | Path, info: ModelInfo, store: str | Path, *, cfg
                                  f"({list(data.keypoints)})")
     train_idx, test_idx = split_indices(data, test=test, test_fraction=test_fraction, seed=cfg.seed)
     images = data.load_images("RGB")
+    coords, frame_wh = data.coords, data.image_size
+    if top_down is not None:
+        frame_wh = (cfg.input_hw[1], cfg.input_hw[0])
+        images, coords = labelled_crops(images, coords, frame_wh, top_down)
     init_path = resolve_init(init)
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"posezoo-train-{info.name}-"))
     work.mkdir(parents=True, exist_ok=True)
     log(f"training {info.name}@{info.version} on {len(train_idx)} frames, testing on {len(test_idx)} "
         f"({data.source}); work dir {work}")
-    result = fit(images[train_idx], data.coords[train_idx], flip_permutation(data.keypoints, info.flip_pairs), cfg,
-                 frame_wh=data.image_size, test_images=images[test_idx] if len(test_idx) else None,
-                 test_coords=data.coords[test_idx] if len(test_idx) else None, init=init_path, workdir=work,
+    result = fit(images[train_idx], coords[train_idx], flip_permutation(data.keypoints, info.flip_pairs), cfg,
+                 frame_wh=frame_wh, test_images=images[test_idx] if len(test_idx) else None,
+                 test_coords=coords[test_idx] if len(test_idx) else None, init=init_path, workdir=work,
                  progress=progress, log=log)
     onnx_path = export_onnx(result.model, work / f"{info.name}.onnx", cfg.input_hw)
     spec = input_spec(cfg)
@@ -135,6 +197,11 @@ def train_model(labelled: str | Path, info: ModelInfo, store: str | Path, *, cfg
     log(f"ONNX parity on {par['n_images']} frames: max |diff| heatmaps {par['max_abs_diff_heatmaps']:.2e}, "
         f"locref {par['max_abs_diff_locref']:.2e}, argmax identical: {par['argmax_identical']}")
     ckpt = save_checkpoint(work / f"{info.name}{CHECKPOINT_SUFFIX}", result.model, cfg.steps, cfg, half=True)
+    if top_down is not None:
+        shape = dict(task="top_down", detector=top_down.detector, max_individuals=top_down.max_individuals,
+                     top_down=top_down.crop, input=spec.model_copy(update={"resize": "stretch"}))
+    else:
+        shape = dict(task="single_animal", input=spec)
     card = ModelCard(
         name=info.name,
         version=info.version,
@@ -147,11 +214,10 @@ def train_model(labelled: str | Path, info: ModelInfo, store: str | Path, *, cfg
         speed="fast",  # EfficientNet-Lite0 at 320x240: well over 100 frames/s end to end on 2 cores
         priority=info.priority,
         aliases=list(info.aliases),
-        task="single_animal",
+        **shape,
         keypoints=list(data.keypoints),
         skeleton=[tuple(e) for e in info.skeleton],
         flip_pairs=[tuple(e) for e in info.flip_pairs],
-        input=spec,
         outputs=OutputSpec(heatmap="heatmaps", locref="locref", stride=float(STRIDE), locref_std=cfg.locref_std,
                            heatmap_activation="none"),
         decoder="heatmap_argmax_locref",
@@ -165,7 +231,13 @@ def train_model(labelled: str | Path, info: ModelInfo, store: str | Path, *, cfg
     )
     card_path = register(card, onnx_path, store, extra_files=[ckpt], catalog=catalog)
     card = ModelCard.from_yaml(card_path)
-    if len(test_idx):
+    if len(test_idx) and top_down is not None:
+        last = next((h for h in reversed(result.history) if "test_mean_px" in h), None)
+        card = card.model_copy(update={"metrics": {
+            "evaluated_with": "the training loop, on crops of the held-out frames' labelled boxes (crop pixels)",
+            "test": {"overall": {"mean_px": last["test_mean_px"] if last else None}}}})
+        card.to_yaml(card_path)
+    elif len(test_idx):
         from ..evaluate import evaluate_model
 
         ev = evaluate_model(str(card_path), data.source, threads=cfg.threads)
