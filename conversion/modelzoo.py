@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .superanimal import ConversionError, _session, _write_entry, relative_max_diff
+from .superanimal import ConversionError, Converted, _session, _write_entry, relative_max_diff
 
 #: DeepLabCut model-zoo names converted by this path, with their networks
 MODELS = ("primate_face", "full_dog", "horse_sideview", "full_cat", "full_macaque")
@@ -411,16 +411,6 @@ def card(name: str, tarball: ModelZooTarball, *, notes: str | None = None):
     data = base.model_dump()
     data.update(update)
     return type(base).model_validate(data)
-
-
-@dataclass
-class Converted:
-    """One converted network: its card (artefact ``local``), directory and ONNX path."""
-
-    card: object
-    directory: Path
-    path: Path
-    seconds: float
 
 
 def convert(name: str, tarball_path: str | Path, out: str | Path, *, verify_with_dlc: bool = True) -> Converted:

@@ -100,3 +100,34 @@ def noise_video(path: Path, n_frames: int, width: int = 320, height: int = 240) 
         for packet in s.encode():
             c.mux(packet)
     return path
+
+
+# -- real labelled mice, for the top-down conversion tests ------------------------------------------
+def labelled_mice(n: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``n`` labelled openfield frames (RGB ``(n, 480, 640, 3)``), spread over the labelled set,
+    and a box ``(1, 4)`` x1, y1, x2, y2 around each mouse's labelled keypoints, 25 px wider."""
+    import cv2
+    import pandas as pd
+
+    df = pd.read_hdf(next((SHARED / "labeled-data" / "m4s1").glob("CollectedData_*.h5")))
+    rows = df.index[:: max(1, len(df) // n)][:n]
+    frames, boxes = [], []
+    for row in rows:
+        img = cv2.cvtColor(cv2.imread(str(SHARED / row)), cv2.COLOR_BGR2RGB)
+        xy = df.loc[row].to_numpy(dtype=float).reshape(-1, 2)
+        xy = xy[np.isfinite(xy).all(axis=1)]
+        lo, hi = xy.min(axis=0) - 25, xy.max(axis=0) + 25
+        frames.append(img)
+        boxes.append(np.array([[*lo, *hi]], np.float32))
+    return np.stack(frames), boxes
+
+
+def dlc_crops(frames: np.ndarray, boxes: list[np.ndarray]) -> np.ndarray:
+    """DeepLabCut's own 256x256 crops (``top_down_crop``) of each frame's first box, uint8 RGB."""
+    from deeplabcut.pose_estimation_pytorch.data.image import top_down_crop
+
+    out = []
+    for f, b in zip(frames, boxes):
+        x1, y1, x2, y2 = b[0]
+        out.append(top_down_crop(f, np.array([x1, y1, x2 - x1, y2 - y1], np.float32), (256, 256))[0])
+    return np.stack(out)

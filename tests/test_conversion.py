@@ -30,17 +30,15 @@ pytest.importorskip(
 )
 
 import cv2  # noqa: E402
-import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from conftest import OPENFIELD_VIDEO, REPO, SHARED, make_hf_cache  # noqa: E402
+from conftest import OPENFIELD_VIDEO, REPO, dlc_crops, labelled_mice, make_hf_cache  # noqa: E402
 from conversion import superanimal as sa  # noqa: E402
 from conversion import testing as st  # noqa: E402
 from posezoo import Zoo  # noqa: E402
 from posezoo.topdown import BoxDetector, CropPoseModel, TopDownPredictor, crop_regions, estimate_poses  # noqa: E402
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
-LABELLED = SHARED / "labeled-data" / "m4s1"
 COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 MOUSE_DET = "fasterrcnn_mobilenet_v3_large_fpn"
 QUAD_DET = "fasterrcnn_resnet50_fpn_v2"
@@ -48,32 +46,15 @@ QUAD_DET = "fasterrcnn_resnet50_fpn_v2"
 
 # -- real data ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def labelled() -> tuple[np.ndarray, np.ndarray]:
-    """8 labelled openfield frames (RGB) and a box around each mouse's labelled keypoints."""
-    df = pd.read_hdf(next(LABELLED.glob("CollectedData_*.h5")))
-    rows = df.index[:: max(1, len(df) // 8)][:8]
-    frames, boxes = [], []
-    for row in rows:
-        img = cv2.cvtColor(cv2.imread(str(SHARED / row)), cv2.COLOR_BGR2RGB)
-        xy = df.loc[row].to_numpy(dtype=float).reshape(-1, 2)
-        xy = xy[np.isfinite(xy).all(axis=1)]
-        lo, hi = xy.min(axis=0) - 25, xy.max(axis=0) + 25
-        frames.append(img)
-        boxes.append(np.array([[*lo, *hi]], np.float32))
-    return np.stack(frames), boxes
+def labelled() -> tuple[np.ndarray, list[np.ndarray]]:
+    """8 labelled openfield frames and a box around each mouse's labelled keypoints."""
+    return labelled_mice(8)
 
 
 @pytest.fixture(scope="module")
 def crops(labelled) -> np.ndarray:
     """DeepLabCut's own 256x256 crops of the labelled mice (uint8 RGB)."""
-    from deeplabcut.pose_estimation_pytorch.data.image import top_down_crop
-
-    frames, boxes = labelled
-    out = []
-    for f, b in zip(frames, boxes):
-        x1, y1, x2, y2 = b[0]
-        out.append(top_down_crop(f, np.array([x1, y1, x2 - x1, y2 - y1], np.float32), (256, 256))[0])
-    return np.stack(out)
+    return dlc_crops(*labelled)
 
 
 # -- checkpoints and conversion (each architecture once) -------------------------------------------

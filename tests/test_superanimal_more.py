@@ -23,17 +23,15 @@ pytest.importorskip(
 )
 
 import cv2  # noqa: E402
-import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from conftest import SHARED  # noqa: E402
+from conftest import dlc_crops, labelled_mice  # noqa: E402
 from conversion import superanimal as sa  # noqa: E402
 from conversion import testing as st  # noqa: E402
 from posezoo import Zoo  # noqa: E402
 from posezoo.topdown import BoxDetector, CropPoseModel, TopDownPredictor, estimate_poses  # noqa: E402
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
-LABELLED = SHARED / "labeled-data" / "m4s1"
 BIRD_DET = "fasterrcnn_mobilenet_v3_large_fpn"
 POSES = [("quadruped", "rtmpose_s"), ("bird", "resnet_50")]
 DETS = [("quadruped", "ssdlite"), ("bird", "ssdlite"), ("bird", BIRD_DET)]
@@ -42,32 +40,14 @@ DETS = [("quadruped", "ssdlite"), ("bird", "ssdlite"), ("bird", BIRD_DET)]
 # -- real data ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def labelled() -> tuple[np.ndarray, list[np.ndarray]]:
-    """6 labelled openfield frames (RGB ``(6, 480, 640, 3)``) and a box ``(1, 4)`` x1, y1, x2, y2
-    around each mouse's labelled keypoints, 25 px wider."""
-    df = pd.read_hdf(next(LABELLED.glob("CollectedData_*.h5")))
-    rows = df.index[:: max(1, len(df) // 6)][:6]
-    frames, boxes = [], []
-    for row in rows:
-        img = cv2.cvtColor(cv2.imread(str(SHARED / row)), cv2.COLOR_BGR2RGB)
-        xy = df.loc[row].to_numpy(dtype=float).reshape(-1, 2)
-        xy = xy[np.isfinite(xy).all(axis=1)]
-        lo, hi = xy.min(axis=0) - 25, xy.max(axis=0) + 25
-        frames.append(img)
-        boxes.append(np.array([[*lo, *hi]], np.float32))
-    return np.stack(frames), boxes
+    """6 labelled openfield frames and a box around each mouse's labelled keypoints."""
+    return labelled_mice(6)
 
 
 @pytest.fixture(scope="module")
 def crops(labelled) -> np.ndarray:
-    """DeepLabCut's own 256x256 crops of the labelled mice (uint8 RGB ``(6, 256, 256, 3)``)."""
-    from deeplabcut.pose_estimation_pytorch.data.image import top_down_crop
-
-    frames, boxes = labelled
-    out = []
-    for f, b in zip(frames, boxes):
-        x1, y1, x2, y2 = b[0]
-        out.append(top_down_crop(f, np.array([x1, y1, x2 - x1, y2 - y1], np.float32), (256, 256))[0])
-    return np.stack(out)
+    """DeepLabCut's own 256x256 crops of the labelled mice (uint8 RGB)."""
+    return dlc_crops(*labelled)
 
 
 # -- checkpoints and conversion (each architecture once) -------------------------------------------
