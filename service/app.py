@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import pathlib
 import time
 from collections.abc import Callable
 from typing import Literal
+from urllib.parse import urlencode
 
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -46,6 +48,8 @@ from posezoo.jobs import (
 log = logging.getLogger("posezoo.service")
 
 PREFIX = "/v1"
+#: the web page's static files (no build step)
+STATIC = pathlib.Path(__file__).with_name("static")
 ResultKind = Literal["h5", "csv", "json", "parquet", "nwb", "slp", "video", "meta"]
 MULTIPART_SLACK = 1 << 20
 
@@ -300,6 +304,41 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
             return RedirectResponse(url, status_code=307)
         return {"url": url, "expires_in": m.settings.presign_expiry_s, "filename": rf.filename,
                 "content_type": rf.content_type, "bytes": rf.bytes}
+
+    @app.get("/jobs/{job_id}/results/{kind}/link", tags=["jobs"], summary="A signed, expiring result URL",
+             responses=ERRORS)
+    async def result_link(job_id: str = JobId, kind: ResultKind = Path(..., description="result kind"),
+                          who: str = Depends(owner)):
+        """`{"url", "expires_in"}`: a URL that fetches this result without the API key until it expires
+        (`PRESIGN_EXPIRY_S`), for a browser's `<video src>` or download link (Range requests work).
+        S3 results get a presigned S3 URL."""
+        m = manager()
+        rec, rf = await run_in_threadpool(m.result, job_id, who, kind)
+        ttl = m.settings.presign_expiry_s
+        if rf.location == "local":
+            expires, sig = m.links.sign(who, job_id, kind, ttl)
+            url = f"{PREFIX}/links/{job_id}/{kind}?" + urlencode({"owner": who, "expires": expires, "sig": sig})
+        else:
+            url = await run_in_threadpool(m.results.presign, rf, ttl)
+        return {"url": url, "expires_in": ttl, "filename": rf.filename, "content_type": rf.content_type}
+
+    @app.get("/links/{job_id}/{kind}", tags=["jobs"], summary="Fetch a result by its signed link",
+             responses=ERRORS)
+    async def signed_result(job_id: str = JobId, kind: ResultKind = Path(...), owner: str = Query(..., max_length=200),
+                            expires: int = Query(...), sig: str = Query(..., pattern=r"^[0-9a-f]{64}$")):
+        m = manager()
+        if not m.links.check(owner, job_id, kind, expires, sig):
+            raise UploadError("this result link is invalid or has expired: ask for a new one", 403, "forbidden")
+        rec, rf = await run_in_threadpool(m.result, job_id, owner, kind)
+        path = m.results.local_path(rec.id, rf)
+        if rf.location != "local" or not path.is_file():
+            raise UploadError(f"the {kind} result of job {job_id} is missing on the server", 410, "gone")
+        return FileResponse(path, media_type=rf.content_type, filename=rf.filename)
+
+    @app.get("/app", include_in_schema=False)
+    async def page():
+        """The web page (static: service/static/index.html)."""
+        return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
 
     @app.delete("/jobs/{job_id}", response_model=JobView, tags=["jobs"], summary="Cancel or delete a job",
                 responses=ERRORS)

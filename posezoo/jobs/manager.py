@@ -206,6 +206,9 @@ class JobManager:
             presign = s3_client(settings.s3_public_endpoint)
         self.results = ResultStore(self.root / "results", settings.results_s3_uri,
                                    self.s3 if settings.results_s3_uri else None, presign)
+        from .links import ResultLinks
+
+        self.links = ResultLinks(self.root)
         self.sources = Sources(None, allow_https=settings.allow_https_sources, input_buckets=settings.input_buckets,
                                https_timeout_s=settings.https_timeout_s, max_bytes=settings.max_upload_bytes)
         self._lock = threading.Lock()
@@ -423,6 +426,7 @@ class JobManager:
             own = {c.ref for c in mine}
             for c in mine:
                 out.append({"name": c.name, "version": c.version, "ref": c.ref, "species": c.species, "task": c.task,
+                            "view": c.view, "speed": c.speed, "priority": c.priority,
                             "keypoints": c.keypoints, "aliases": c.aliases, "ready": c.artefact.published,
                             "default": False, "owner": owner, "metrics": (c.metrics or {}).get("test", {}).get("overall")})
         for c in self.zoo.cards():
@@ -431,6 +435,7 @@ class JobManager:
             if c.ref in own:
                 continue
             out.append({"name": c.name, "version": c.version, "ref": c.ref, "species": c.species, "task": c.task,
+                        "view": c.view, "speed": c.speed, "priority": c.priority,
                         "keypoints": c.keypoints, "aliases": c.aliases,
                         "ready": c.task != "detector" and self.zoo_for(owner).ready(c), "default": c.ref == self._default_ref()})
         return out
