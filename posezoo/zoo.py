@@ -100,6 +100,26 @@ class ResolvedModel:
     source: str
 
 
+
+#: Entry-point group of on-demand converters, ``convert(zoo, spec)``: what ``Zoo.pull`` calls
+#: for an artefact that is not published yet. The conversion package registers itself here
+#: (pyproject.toml), so this library never imports it: lower layers do not reach upward.
+CONVERTERS_GROUP = "posezoo.converters"
+
+
+def converters() -> list:
+    """The registered converters that load (an entry point whose package is absent is skipped)."""
+    from importlib.metadata import entry_points
+
+    out = []
+    for ep in sorted(entry_points(group=CONVERTERS_GROUP), key=lambda e: e.name):
+        try:
+            out.append(ep.load())
+        except ImportError:
+            continue
+    return out
+
+
 class Zoo:
     """Model catalog and artefact resolver.
 
@@ -279,15 +299,14 @@ class Zoo:
         except ArtefactNotPublishedError as exc:
             if not convert:
                 raise
-            try:
-                from conversion.pull import convert_into_cache  # the optional extra; never imported otherwise
-            except ImportError as imp:
+            found = converters()
+            if not found:
                 raise ArtefactNotPublishedError(
                     f"{exc} -- to convert it on this machine install the conversion extra "
                     f"(pip install 'posezoo[conversion]': PyTorch and DeepLabCut) and run `posezoo zoo pull {spec}` "
-                    f"with a network ({imp})"
+                    "with a network (no converter is registered)"
                 ) from None
-            convert_into_cache(self, spec)
+            found[0](self, spec)
             self.refresh()
             return [self.resolve(s) for s in specs]
 

@@ -162,3 +162,18 @@ def test_tiny_model_is_reproducible(tmp_path):
     card = write_tiny_model_card(tmp_path)
     committed = ModelCard.from_yaml(REPO / "models" / TINY / "0.1.0" / "card.yaml")
     assert card.artefact.sha256 == committed.artefact.sha256
+
+
+def test_the_library_never_imports_the_conversion_package():
+    """posezoo is the lower layer: the on-demand converter is found through the
+    ``posezoo.converters`` entry point that the conversion package registers."""
+    import re
+
+    from conftest import REPO
+    from posezoo.zoo import converters
+
+    for path in (REPO / "posezoo").rglob("*.py"):
+        assert not re.search(r"^\s*(from|import)\s+conversion\b", path.read_text(), re.M), path
+    from conversion.pull import convert_into_cache
+
+    assert converters() == [convert_into_cache]
