@@ -153,8 +153,8 @@ def bench_modelzoo(video: str, tarball, catalog, name: str, *, frames: int = 16,
                 "posezoo": lambda: np.concatenate([predictor.predict_images(f[None], batch_size=1) for f in imgs]),
                 "posezoo_batched": lambda: predictor.predict_images(imgs, batch_size=8),
             }
-            for fn in runs.values():  # warm-up
-                fn() if fn is not runs["posezoo_batched"] else predictor.predict_images(imgs[:8], batch_size=8)
+            for fn in runs.values():  # warm-up: sessions, allocators, TF's graph
+                fn()
             timings = {k: [] for k in runs}
             results = {}
             for _ in range(repeats):

@@ -40,11 +40,11 @@ from pathlib import Path
 
 import numpy as np
 
+from . import superanimal
 from .superanimal import ConversionError, Converted, _session, _write_entry, relative_max_diff
 
 #: DeepLabCut model-zoo names converted by this path, with their networks
 MODELS = ("primate_face", "full_dog", "horse_sideview", "full_cat", "full_macaque")
-VERSION = "1.0.0"
 OPSET = 17
 #: TF-slim's ``resnet_arg_scope`` BatchNorm epsilon (the fused kernel's attribute in DeepLabCut's graph)
 BN_EPSILON = 1e-5
@@ -376,21 +376,20 @@ def verify(tarball: ModelZooTarball, onnx_path: str | Path, frame_rgb: np.ndarra
 
 # -- cards and the whole conversion ---------------------------------------------------------------
 def _base_card(name: str):
-    from posezoo.cards import ModelCard
-    from posezoo.zoo import bundled_catalog
-
-    path = bundled_catalog() / name / VERSION / "card.yaml"
-    if not path.is_file():
+    """The bundled catalog's card of ``name``: a model-zoo conversion starts from it."""
+    base = superanimal._base_card(name)
+    if base is None:
         raise ConversionError(f"{name!r} is not in the catalog (model-zoo models: {', '.join(MODELS)})")
-    return ModelCard.from_yaml(path)
+    return base
 
 
-def card(name: str, tarball: ModelZooTarball, *, notes: str | None = None):
-    """The catalog's card of ``name`` completed from the tarball: keypoints, skeleton,
-    licence, stride, location-refinement scale and mean pixel."""
+def card(name: str, tarball: ModelZooTarball, *, notes: str | None = None, base=None):
+    """The catalog's card of ``name`` (``base``, else read from the bundled catalog) completed
+    from the tarball: keypoints, skeleton, licence, stride, location-refinement scale and
+    mean pixel."""
     from posezoo.cards import InputSpec, OutputSpec
 
-    base = _base_card(name)
+    base = base or _base_card(name)
     cfg = tarball.cfg
     if cfg.get("net_type") and not str(cfg["net_type"]).startswith("resnet_"):
         raise ConversionError(f"{name}: net_type {cfg['net_type']!r}; only ResNet model-zoo networks are converted")
@@ -426,12 +425,9 @@ def convert(name: str, tarball_path: str | Path, out: str | Path, *, verify_with
         if verify_with_dlc:
             err = verify(tb, onnx_path)
             notes += f"; ONNX vs DeepLabCut TF scoremaps relative max difference {err:.2e} on the check frame"
-        converted, d, path = _write_entry(card(name, tb, notes=notes), onnx_path, out)
+        converted, d, path = _write_entry(card(name, tb, notes=notes, base=base), onnx_path, out)
     if staging.is_dir() and not any(staging.iterdir()):
         staging.rmdir()
     return Converted(converted, d, path, time.perf_counter() - t0)
 
 
-def is_model_zoo_tarball(upstream) -> bool:
-    """Whether a card's upstream is a DeepLabCut 2.x model-zoo tarball (this module's input)."""
-    return upstream is not None and str(upstream.filename or "").endswith((".tar.gz", ".tgz", ".tar"))

@@ -30,7 +30,7 @@ def _checkpoint(card, hf_cache_dir: str | None) -> Path:
 
 def required_modules(card) -> tuple[str, tuple[str, ...]]:
     """The extra and the modules converting ``card`` needs."""
-    if modelzoo.is_model_zoo_tarball(card.upstream):
+    if card.upstream is not None and card.upstream.is_model_zoo_tarball:
         return "conversion-tf", ("tensorflow", "tf_slim", "deeplabcut", "onnx")
     return "conversion", ("torch", "torchvision", "timm", "deeplabcut", "onnx")
 
@@ -39,7 +39,7 @@ def check_convertible(card) -> None:
     """Raise ``ZooError`` unless ``card``'s upstream checkpoint is one this package converts."""
     if card.upstream is None or card.upstream.kind != "huggingface" or not card.upstream.filename:
         raise ZooError(f"{card.ref}: no upstream DeepLabCut checkpoint to convert from")
-    if not modelzoo.is_model_zoo_tarball(card.upstream):
+    if not card.upstream.is_model_zoo_tarball:
         try:
             parse_checkpoint_filename(card.upstream.filename)
         except ConversionError as exc:
@@ -51,7 +51,7 @@ def convert_card(zoo, card, checkpoint: str | Path, out: str | Path, *, verify: 
     ``out`` (a TF model-zoo tarball, or a SuperAnimal pose network / detector ``.pt``)."""
     check_convertible(card)
     try:
-        if modelzoo.is_model_zoo_tarball(card.upstream):
+        if card.upstream.is_model_zoo_tarball:  # check_convertible: there is an upstream
             return modelzoo.convert(card.name, checkpoint, out, verify_with_dlc=verify)
         dataset, arch = parse_checkpoint_filename(card.upstream.filename)
         if card.task == "detector":

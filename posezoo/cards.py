@@ -157,6 +157,11 @@ class Upstream(_Strict):
     url: str | None = None
     notes: str | None = None
 
+    @property
+    def is_model_zoo_tarball(self) -> bool:
+        """A DeepLabCut 2.x TensorFlow model-zoo tarball (else e.g. a SuperAnimal ``.pt``)."""
+        return str(self.filename or "").endswith((".tar.gz", ".tgz", ".tar"))
+
 
 class ModelCard(_Strict):
     """Everything posezoo needs to know about one version of one model."""

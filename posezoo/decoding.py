@@ -86,6 +86,22 @@ def decode_heatmaps(
     return np.stack([x, y, conf], axis=-1).astype(np.float32, copy=False)
 
 
+def decode_outputs(out: dict, spec, input_hw: tuple[int, int]) -> np.ndarray:
+    """:func:`decode_heatmaps` as a card's ``outputs`` (an ``OutputSpec``) says: its output
+    names, activation, score clipping, ``locref_std`` and stride; the nominal stride where the
+    card says so (DeepLabCut decodes with it: e.g. its TF ResNets' heatmaps are
+    ``ceil(size / 8)``, so the measured ratio is not 8 for other sizes), else the measured
+    ratio of ``input_hw`` to the heatmaps.
+
+    Returns
+    -------
+    ndarray, shape (n_images, n_keypoints, 3)
+    """
+    where = {"stride": spec.stride} if spec.nominal_stride else {"input_hw": input_hw}
+    return decode_heatmaps(out[spec.heatmap], out.get(spec.locref) if spec.locref else None, **where,
+                           locref_std=spec.locref_std, activation=spec.heatmap_activation, clip=spec.clip_scores)
+
+
 def decode_simcc(
     simcc_x: np.ndarray,
     simcc_y: np.ndarray,

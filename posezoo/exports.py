@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import __version__
 from .errors import InputError
 
 #: ndx-pose's convention for image coordinates
@@ -89,7 +90,7 @@ def to_nwb(table, path: str | Path) -> Path:
         behavior.add(PoseEstimation(
             name=pose_estimation_key(individual, len(table.individuals)), pose_estimation_series=series,
             description=f"{individual}: {table.scorer}", source_video=video, scorer=table.scorer,
-            source_software="posezoo", source_software_version=_version(), skeleton=skeleton,
+            source_software="posezoo", source_software_version=__version__, skeleton=skeleton,
         ))
     behavior.add(Skeletons(skeletons=skeletons))
     with NWBHDF5IO(str(path), mode="w") as io:
@@ -123,12 +124,3 @@ def to_slp(table, path: str | Path) -> Path:
     labels = sio.Labels(labeled_frames=frames, videos=[video], skeletons=[skeleton], tracks=tracks)
     sio.save_slp(labels, str(path), verbose=False)
     return path
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("posezoo")
-    except PackageNotFoundError:
-        return "unknown"

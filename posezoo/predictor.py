@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .cards import ModelCard
-from .decoding import decode_heatmaps, to_frame_coordinates
+from .decoding import decode_outputs, to_frame_coordinates
 from .errors import InputError, PosezooError, TruncatedVideoError
 from .filtering import filter_poses, outlier_frames
 from .runtime import OrtModel, ResizePlan, normalise_batch, plan_resize, resize_batch
@@ -200,14 +200,7 @@ class PosePredictor:
         t1 = time.perf_counter()
         out = self.model.run({self.card.input.input_name: x}, self._outputs)
         t2 = time.perf_counter()
-        o = self.card.outputs
-        # DeepLabCut's TF predictor decodes with the nominal stride; its ResNets' heatmaps are
-        # ceil(size / 8) on a side, so the measured ratio is not 8 when the size is not a multiple.
-        where = {"stride": o.stride} if o.nominal_stride else {"input_hw": plan.input_hw}
-        kp = decode_heatmaps(
-            out[o.heatmap], out.get(o.locref) if o.locref else None, **where,
-            locref_std=o.locref_std, activation=o.heatmap_activation, clip=o.clip_scores,
-        )
+        kp = decode_outputs(out, self.card.outputs, plan.input_hw)
         kp = to_frame_coordinates(kp, plan.scale, (0.0, 0.0))
         t3 = time.perf_counter()
         if times is not None:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .cards import DetectorSpec, ModelCard, TopDownSpec
-from .decoding import decode_heatmaps, decode_simcc
+from .decoding import decode_outputs, decode_simcc
 from .errors import InputError, PosezooError
 from .predictor import FrameLoop, StageTimes, finish_poses
 from .runtime import OrtModel, normalise_batch
@@ -265,10 +265,7 @@ class CropPoseModel:
             s = self.card.simcc
             return decode_simcc(out[s.x], out[s.y], split_ratio=s.split_ratio, apply_softmax=s.apply_softmax,
                                 normalize=s.normalize, sigma=s.sigma, beta=s.beta)
-        o = self.card.outputs
-        kw = {"stride": o.stride} if o.nominal_stride else {"input_hw": self.crop_hw}
-        return decode_heatmaps(out[o.heatmap], out.get(o.locref) if o.locref else None, locref_std=o.locref_std,
-                               activation=o.heatmap_activation, clip=o.clip_scores, **kw)
+        return decode_outputs(out, self.card.outputs, self.crop_hw)
 
     def __call__(self, crops: np.ndarray) -> np.ndarray:
         return self.decode(self.raw(crops))

@@ -246,7 +246,7 @@ class Zoo:
             # DeepLabCut 3 PyTorch checkpoints (SuperAnimal): the conversion extra converts them
             return (f"pip install 'posezoo[conversion]' && posezoo zoo pull {card.name}  "
                     "(a network is needed once, for DeepLabCut's checkpoint)")
-        if up is not None and up.kind == "huggingface" and (up.filename or "").endswith((".tar.gz", ".tgz", ".tar")):
+        if up is not None and up.kind == "huggingface" and up.is_model_zoo_tarball:
             # DeepLabCut 2.x TensorFlow model-zoo tarballs: reading them needs TensorFlow
             return (f"pip install 'posezoo[conversion-tf]' && posezoo zoo pull {card.name}  "
                     "(a network is needed once, for DeepLabCut's model-zoo tarball)")

@@ -417,6 +417,12 @@ class JobManager:
 
     def models(self, owner: str | None = None) -> list[dict]:
         allowed = self.settings.allowed_models
+
+        def entry(c, **extra) -> dict:
+            return {"name": c.name, "version": c.version, "ref": c.ref, "species": c.species, "task": c.task,
+                    "view": c.view, "speed": c.speed, "priority": c.priority, "keypoints": c.keypoints,
+                    "aliases": c.aliases, **extra}
+
         out = []
         own = set()
         if owner is not None and self.owner_catalog(owner).is_dir():
@@ -424,20 +430,15 @@ class JobManager:
 
             mine = Zoo([self.owner_catalog(owner)], include_bundled=False).cards(all_versions=True)
             own = {c.ref for c in mine}
-            for c in mine:
-                out.append({"name": c.name, "version": c.version, "ref": c.ref, "species": c.species, "task": c.task,
-                            "view": c.view, "speed": c.speed, "priority": c.priority,
-                            "keypoints": c.keypoints, "aliases": c.aliases, "ready": c.artefact.published,
-                            "default": False, "owner": owner, "metrics": (c.metrics or {}).get("test", {}).get("overall")})
+            out += [entry(c, ready=c.artefact.published, default=False, owner=owner,
+                          metrics=(c.metrics or {}).get("test", {}).get("overall")) for c in mine]
+        zoo, default = self.zoo_for(owner), self._default_ref()  # once, not per card
         for c in self.zoo.cards():
             if allowed is not None and c.name not in allowed and c.ref not in allowed:
                 continue
             if c.ref in own:
                 continue
-            out.append({"name": c.name, "version": c.version, "ref": c.ref, "species": c.species, "task": c.task,
-                        "view": c.view, "speed": c.speed, "priority": c.priority,
-                        "keypoints": c.keypoints, "aliases": c.aliases,
-                        "ready": c.task != "detector" and self.zoo_for(owner).ready(c), "default": c.ref == self._default_ref()})
+            out.append(entry(c, ready=c.task != "detector" and zoo.ready(c), default=c.ref == default))
         return out
 
     def _default_ref(self) -> str | None:
