@@ -44,7 +44,8 @@ print("recommended for a top-view mouse:", card.ref)"""),
     new_code_cell("""predictor = posezoo.load(card.ref)
 table = predictor.predict_video(VIDEO, max_frames=MAX_FRAMES, progress=False)
 print(table.n_frames, "frames,", len(table.keypoints), "keypoints:", ", ".join(table.keypoints))
-paths = table.save(OUT, ["h5", "csv"], stem=Path(VIDEO).stem)
+paths = table.save(OUT, ["h5", "csv"])  # DeepLabCut's names: <video><scorer>.h5/.csv/_meta.pickle
+print("wrote", paths["h5"].name)
 table.to_dataframe().head()"""),
     new_markdown_cell("## 4. Trajectories"),
     new_code_cell("""import matplotlib.pyplot as plt
@@ -61,7 +62,8 @@ plt.show()"""),
     new_code_cell("""from IPython.display import Video
 from posezoo.render import render_labeled_video
 
-labelled_video = render_labeled_video(VIDEO, table, OUT / "labeled.mp4", skeleton=card.skeleton, pcutoff=card.pcutoff)
+labelled_video = render_labeled_video(VIDEO, table, OUT / f"{paths['h5'].stem}_labeled.mp4", skeleton=card.skeleton,
+                                      pcutoff=card.pcutoff)
 Video(str(labelled_video), embed=True, width=480)"""),
     new_markdown_cell("## 6. The hosted service (skipped when `POSEZOO_URL` is not set)"),
     new_code_cell("""if SERVICE_URL:

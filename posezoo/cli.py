@@ -23,6 +23,13 @@ def _formats(text: str) -> list[str]:
     return fmts
 
 
+def _extensions(text: str) -> list[str]:
+    exts = [e.strip().lower().lstrip(".") for e in text.split(",") if e.strip()]
+    if not exts:
+        raise argparse.ArgumentTypeError("give extensions like mp4,avi")
+    return exts
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -43,24 +50,36 @@ def build_parser() -> argparse.ArgumentParser:
     zp = zoo.add_parser("pull", help="fetch and verify a model's artefact into the local cache")
     zp.add_argument("name")
 
-    pr = sub.add_parser("predict", help="predict poses on videos")
-    pr.add_argument("videos", nargs="+", metavar="VIDEO")
+    pr = sub.add_parser("predict", help="predict poses on videos",
+                        description="Results are named the DeepLabCut way: <video><scorer>.h5/.csv/_meta.pickle, "
+                                    "<video><scorer>_filtered.h5, <video><scorer>_labeled.mp4 (see the README's "
+                                    "DeepLabCut section).")
+    pr.add_argument("videos", nargs="+", metavar="VIDEO", help="video files, folders of videos or glob patterns")
+    pr.add_argument("--video-extensions", type=_extensions, default=None,
+                    help="for folders and globs: comma-separated extensions (default: DeepLabCut's video types)")
     pr.add_argument("--model", default="default", help="name[@version], alias, or card.yaml (default: the bundled model)")
     pr.add_argument("--species", default=None, help="instead of --model: the zoo's recommended ready model for this "
                                                     "species (mouse, dog, horse, primate, ...)")
     pr.add_argument("--view", default=None, help="with --species: camera view (top, side, face)")
-    pr.add_argument("--out", default=".", help="output directory (default: current)")
+    pr.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
+                    help="the model's fp32 artefact or its INT8 (static-quantised, CPU) variant")
+    pr.add_argument("--out", default=None,
+                    help="output directory (default: beside each video, where DeepLabCut's tools look)")
     pr.add_argument("--format", type=_formats, default=["h5", "csv"], help=f"comma-separated: {','.join(FORMATS)}")
-    pr.add_argument("--labeled-video", action="store_true", help="also write <video>_labeled.mp4 (H.264)")
+    pr.add_argument("--labeled-video", action="store_true", help="also write <video><scorer>_labeled.mp4 (H.264)")
+    pr.add_argument("--overwrite", action="store_true",
+                    help="analyse again videos whose results exist (default: skip them, as DeepLabCut does)")
     pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "tensorrt"])
     pr.add_argument("--batch-size", type=_positive, default=16)
     pr.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime threads (default: all cores)")
-    pr.add_argument("--filter", choices=["median", "savgol"], default=None, help="temporal filter of positions")
+    pr.add_argument("--filter", choices=["median", "savgol"], default=None,
+                    help="also write <video><scorer>_filtered.h5 (temporally filtered positions) beside the raw table")
     pr.add_argument("--filter-window", type=_positive, default=5)
     pr.add_argument("--pcutoff", type=float, default=None, help="hide points below this likelihood in the video")
     pr.add_argument("--trail", type=int, default=0, help="draw trails of this many frames")
     pr.add_argument("--no-progress", action="store_true")
-    pr.add_argument("--max-frames", type=_positive, default=None, help="only the first N frames")
+    pr.add_argument("--max-frames", type=_positive, default=None,
+                    help="only the first N frames (the labelled video too)")
     pr.add_argument("--detector-every", type=_positive, default=1,
                     help="top-down models: run the detector every N frames, boxes carried from poses in between")
     pr.add_argument("--max-individuals", type=_positive, default=None, help="top-down models: animals per frame")
@@ -119,12 +138,14 @@ def _zoo_cmd(args) -> int:
 
 
 def _predict_cmd(args) -> int:
+    from .filtering import check_filter
     from .predictor import load
-    from .render import render_labeled_video
-
-    from .predictor import fit_warning
+    from .video import VIDEO_EXTENSIONS, collect_videos
     from .zoo import default_zoo
 
+    if args.filter:
+        check_filter(args.filter, args.filter_window)
+    videos = collect_videos(args.videos, args.video_extensions or VIDEO_EXTENSIONS)
     model = args.model
     if args.species:
         if args.model != "default":
@@ -135,42 +156,92 @@ def _predict_cmd(args) -> int:
               f"({card.view} view, {card.n_keypoints} keypoints, {card.speed or '?'})", file=sys.stderr)
     elif args.view:
         raise InputError("--view goes with --species")
-    predictor = load(model, device=args.device, threads=args.threads)
-    out = Path(args.out)
+    precision = {"precision": args.precision} if args.precision != "fp32" else {}
+    predictor = load(model, device=args.device, threads=args.threads, **precision)
     failures = 0
-    for video in args.videos:
-        name = Path(video).stem
+    for video in videos:
+        out = Path(args.out) if args.out else video.parent
         try:
-            top_down = {"detector_every": args.detector_every, "max_individuals": args.max_individuals} \
-                if predictor.card.task == "top_down" else {}
-            table = predictor.predict_video(
-                video, batch_size=args.batch_size, progress=not args.no_progress,
-                filter=args.filter, filter_window=args.filter_window, allow_truncated=True,
-                max_frames=args.max_frames, **top_down,
-            )
+            failures += _predict_one(args, predictor, video, out)
         except PosezooError as exc:
             print(f"posezoo: error: {exc}", file=sys.stderr)
             failures += 1
-            continue
-        stem = f"{name}_{predictor.card.name}"
+    return 1 if failures else 0
+
+
+def _predict_one(args, predictor, video: Path, out: Path) -> int:
+    """Analyse one video as DeepLabCut's analyze_videos (+ filterpredictions, create_labeled_video)
+    would; returns 1 when its results are incomplete (a truncated video), else 0."""
+    import time
+    from dataclasses import replace
+
+    from .dlc import output_stem, scorer_name
+    from .filtering import filter_poses
+    from .predictor import _progress, fit_warning
+    from .render import render_labeled_video
+    from .table import PoseTable
+
+    card = predictor.card
+    scorer = scorer_name(card, getattr(getattr(predictor, "detector", None), "card", None))
+    stem = output_stem(video, scorer)
+    first = out / f"{stem}.{args.format[0]}"
+    wanted = [out / f"{stem}.{f}" for f in args.format] + ([out / f"{stem}_filtered.h5"] if args.filter else [])
+    if not args.overwrite and all(p.exists() for p in wanted):
+        print(f"{video}: already analysed ({first}); --overwrite analyses it again")
+        if not args.labeled_video or (out / _labeled_name(stem, args.filter)).exists():
+            return 0
+        if first.suffix not in (".h5", ".csv"):
+            raise InputError(f"{video}: its labelled video needs the h5 or csv table; add h5 to --format")
+        table = PoseTable.load(out / f"{stem}_filtered.h5" if args.filter else first)
+        paths: dict[str, Path] = {}
+    else:
+        top_down = {"detector_every": args.detector_every, "max_individuals": args.max_individuals} \
+            if card.task == "top_down" else {}
+        table = predictor.predict_video(
+            video, batch_size=args.batch_size, progress=not args.no_progress, allow_truncated=True,
+            max_frames=args.max_frames, **top_down,
+        )
         paths = table.save(out, args.format, stem=stem)
-        if args.labeled_video:
-            pcut = args.pcutoff if args.pcutoff is not None else predictor.card.pcutoff
-            paths["labeled_video"] = render_labeled_video(
-                video, table, out / f"{name}_labeled.mp4", skeleton=predictor.card.skeleton,
-                pcutoff=pcut, trail_length=args.trail, draw_boxes=args.draw_boxes,
-            )
+        if args.filter:
+            filtered = replace(table, data=filter_poses(table.data, args.filter, args.filter_window)).with_metadata(
+                filter={"method": args.filter, "window": args.filter_window})
+            paths["filtered"] = filtered.save(out, ["h5"] + (["csv"] if "csv" in args.format else []),
+                                              stem=f"{stem}_filtered", dlc_meta=False)["h5"]
+            table = filtered
         t = table.metadata["timings"]
         print(f"{video}: {table.n_frames} frames, {t['fps']:.1f} frames/s, providers {','.join(predictor.providers)}"
-              f" -> {', '.join(str(p) for k, p in paths.items() if k != 'meta')}")
-        warning = fit_warning(predictor.card, table.metadata.get("fit", {}))
-        if warning:
-            print(f"posezoo: warning: {video}: {warning}", file=sys.stderr)
-        if "truncated" in table.metadata:
-            print(f"posezoo: error: {table.metadata['truncated']['error']}; results cover the "
-                  f"{table.n_frames} frames that decoded", file=sys.stderr)
-            failures += 1
-    return 1 if failures else 0
+              f" -> {', '.join(str(p) for k, p in paths.items() if k not in ('meta', 'dlc_meta'))}")
+    if args.labeled_video:
+        pcut = args.pcutoff if args.pcutoff is not None else card.pcutoff
+        bar, update = _progress(not args.no_progress, min(table.n_frames, args.max_frames or table.n_frames),
+                                "labelled video")
+        start = time.perf_counter()
+        try:
+            target = render_labeled_video(
+                video, table, out / _labeled_name(stem, args.filter), skeleton=card.skeleton, pcutoff=pcut,
+                trail_length=args.trail, draw_boxes=args.draw_boxes, progress=update,
+                max_frames=args.max_frames if args.max_frames is not None else table.n_frames,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        took = time.perf_counter() - start
+        print(f"{video}: labelled video {target}: {table.n_frames} frames in {took:.1f} s "
+              f"({table.n_frames / max(took, 1e-9):.1f} frames/s)")
+    if not paths:
+        return 0
+    warning = fit_warning(card, table.metadata.get("fit", {}))
+    if warning:
+        print(f"posezoo: warning: {video}: {warning}", file=sys.stderr)
+    if "truncated" in table.metadata:
+        print(f"posezoo: error: {table.metadata['truncated']['error']}; results cover the "
+              f"{table.n_frames} frames that decoded", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _labeled_name(stem: str, filtered: str | None) -> str:
+    return f"{stem}_filtered_labeled.mp4" if filtered else f"{stem}_labeled.mp4"
 
 
 def _bench_cmd(args) -> int:

@@ -73,7 +73,7 @@ def to_nwb(table, path: str | Path) -> Path:
                         dimension=list(size) if size else None)
     nwb.add_acquisition(video)
     skeletons = []
-    model = str(table.metadata.get("model", {}).get("name") or table.scorer.split("@")[0])
+    model = str(table.metadata.get("model", {}).get("name") or table.scorer)
     for j, individual in enumerate(table.individuals):
         skeleton = Skeleton(name=f"{model}_{individual}", nodes=list(table.keypoints), edges=edges)
         skeletons.append(skeleton)
@@ -108,7 +108,7 @@ def to_slp(table, path: str | Path) -> Path:
     path = Path(path)
     name, _, size = _video(table)
     skeleton = sio.Skeleton(nodes=list(table.keypoints), edges=[list(e) for e in table.skeleton],
-                            name=table.scorer.split("@")[0])
+                            name=str(table.metadata.get("model", {}).get("name") or table.scorer))
     video = sio.Video(filename=name, open_backend=False)
     tracks = [sio.Track(name=ind) for ind in table.individuals]
     frames = []

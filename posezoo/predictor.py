@@ -16,6 +16,7 @@ import numpy as np
 
 from .cards import ModelCard
 from .decoding import decode_outputs, to_frame_coordinates
+from .dlc import scorer_name
 from .errors import InputError, PosezooError, TruncatedVideoError
 from .filtering import filter_poses, outlier_frames
 from .runtime import OrtModel, ResizePlan, normalise_batch, plan_resize, resize_batch
@@ -291,8 +292,8 @@ class PosePredictor:
         meta = self._metadata(info, times, loop.done, batch_size)
         data = finish_poses(data, meta, loop, info, pcutoff=self.card.pcutoff, allow_truncated=allow_truncated,
                             filter=filter, filter_window=filter_window, max_jump=max_jump)
-        return PoseTable(data, tuple(self.card.keypoints), ("animal0",), self.card.ref, meta,
-                         skeleton=tuple(self.card.skeleton))
+        return PoseTable(data, tuple(self.card.keypoints), ("animal0",), scorer_name(self.card), meta,
+                         skeleton=tuple(self.card.skeleton), multi_animal=False)
 
     def _metadata(self, info, times: StageTimes, n_frames: int, batch_size: int) -> dict:
         total = max(times.total, 1e-9)

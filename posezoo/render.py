@@ -76,12 +76,15 @@ def render_labeled_video(
     preset: str = "veryfast",
     progress: Callable[[int, int], None] | None = None,
     draw_boxes: bool = False,
+    max_frames: int | None = None,
 ) -> Path:
     """Write ``out_path`` (MP4, H.264) with the table's poses drawn on ``video``.
 
     The output has the same number of frames and frame rate as the input; odd frame
     sizes are padded by one pixel to the even size H.264 in yuv420p requires.
     ``draw_boxes`` also draws a top-down table's boxes, in each animal's colour.
+    ``max_frames`` stops after that many frames (the table of ``predict --max-frames``).
+    ``progress(done, total)`` is called after each frame written.
     """
     info = probe(video)
     out_path = Path(out_path)
@@ -95,9 +98,10 @@ def render_labeled_video(
         colours = np.repeat(identity[:, None], len(table.keypoints), axis=1)
     boxes = table.boxes if draw_boxes else None
     radius = radius or max(2, round(min(info.width, info.height) / 120))
+    total = min(info.n_frames, max_frames) if max_frames and info.n_frames else (max_frames or info.n_frames)
     with VideoWriter(out_path, info.width, info.height, info.fps, crf=crf, preset=preset) as writer:
         try:
-            for i, frame in enumerate(iter_frames(video)):
+            for i, frame in enumerate(iter_frames(video, max_frames=max_frames)):
                 if i < table.n_frames:
                     frame = np.ascontiguousarray(frame)
                     trail = table.data[max(0, i - trail_length) : i + 1] if trail_length else None
@@ -108,7 +112,7 @@ def render_labeled_video(
                             cv2.rectangle(frame, (x1, y1), (x2, y2), identity[j].tolist(), 2)
                 writer.write(frame)
                 if progress:
-                    progress(i + 1, info.n_frames)
+                    progress(i + 1, total)
         except TruncatedVideoError:
             pass  # keep the frames that decoded, as the pose table does
     return out_path

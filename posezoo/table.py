@@ -20,6 +20,7 @@ from .safe_hdf import read_hdf_safely
 FORMATS = ("h5", "csv", "json", "parquet", "nwb", "slp")
 DLC_H5_KEY = "df_with_missing"
 DLC_COLUMN_LEVELS = ["scorer", "individuals", "bodyparts", "coords"]
+DLC_SINGLE_COLUMN_LEVELS = ["scorer", "bodyparts", "coords"]
 COORDS = ["x", "y", "likelihood"]
 
 
@@ -45,6 +46,10 @@ class PoseTable:
         for it.
     skeleton : tuple of (str, str)
         The model's edges (written to the JSON, NWB and SLEAP outputs).
+    multi_animal : bool, optional
+        Whether the model finds several animals (top-down models). DeepLabCut's tables of a
+        single-animal model have 3 column levels (``scorer/bodyparts/coords``), those of a
+        multi-animal one 4 (with ``individuals``). Default: more than one individual.
     """
 
     data: np.ndarray
@@ -54,6 +59,7 @@ class PoseTable:
     metadata: dict = field(default_factory=dict)
     boxes: np.ndarray | None = None
     skeleton: tuple[tuple[str, str], ...] = ()
+    multi_animal: bool | None = None
 
     def __post_init__(self) -> None:
         d = np.asarray(self.data, dtype=np.float32)
@@ -73,6 +79,10 @@ class PoseTable:
             object.__setattr__(self, "boxes", b)
         object.__setattr__(self, "keypoints", tuple(self.keypoints))
         object.__setattr__(self, "individuals", tuple(self.individuals))
+        if self.multi_animal is None:
+            object.__setattr__(self, "multi_animal", len(self.individuals) > 1)
+        elif not self.multi_animal and len(self.individuals) != 1:
+            raise InputError(f"a single-animal table has one individual, got {len(self.individuals)}")
         skeleton = tuple((str(a), str(b)) for a, b in self.skeleton)
         unknown = sorted({k for e in skeleton for k in e} - set(self.keypoints))
         if unknown:
@@ -99,11 +109,15 @@ class PoseTable:
 
     # -- DeepLabCut tables ----------------------------------------------------------------
     def to_dataframe(self) -> pd.DataFrame:
-        """DeepLabCut's layout: columns ``scorer / individuals / bodyparts / coords``,
-        integer frame index, one row per frame."""
-        columns = pd.MultiIndex.from_product(
-            [[self.scorer], list(self.individuals), list(self.keypoints), COORDS], names=DLC_COLUMN_LEVELS
-        )
+        """DeepLabCut's layout: columns ``scorer / individuals / bodyparts / coords`` for a
+        multi-animal table, ``scorer / bodyparts / coords`` for a single-animal one (as
+        DeepLabCut writes each); integer frame index, one row per frame."""
+        if self.multi_animal:
+            columns = pd.MultiIndex.from_product(
+                [[self.scorer], list(self.individuals), list(self.keypoints), COORDS], names=DLC_COLUMN_LEVELS)
+        else:
+            columns = pd.MultiIndex.from_product(
+                [[self.scorer], list(self.keypoints), COORDS], names=DLC_SINGLE_COLUMN_LEVELS)
         values = self.data.reshape(self.n_frames, -1).astype(np.float64)
         return pd.DataFrame(values, columns=columns, index=pd.RangeIndex(self.n_frames))
 
@@ -111,6 +125,7 @@ class PoseTable:
     def from_dataframe(cls, df: pd.DataFrame, metadata: dict | None = None) -> "PoseTable":
         """Inverse of :meth:`to_dataframe`; also accepts DeepLabCut's 3-level single-animal tables."""
         cols = df.columns
+        multi = cols.nlevels == 4
         if cols.nlevels == 3:
             cols = pd.MultiIndex.from_tuples([(c[0], "animal0", c[1], c[2]) for c in cols], names=DLC_COLUMN_LEVELS)
             df = df.set_axis(cols, axis=1)
@@ -122,7 +137,8 @@ class PoseTable:
         full = pd.MultiIndex.from_product([[scorer], individuals, keypoints, COORDS])
         values = df.reindex(columns=full).to_numpy(dtype=np.float32)
         data = values.reshape(len(df), len(individuals), len(keypoints), 3)
-        return cls(data, tuple(keypoints), tuple(individuals), scorer, dict(metadata or {}))
+        return cls(data, tuple(keypoints), tuple(individuals), scorer, dict(metadata or {}),
+                   multi_animal=multi or len(individuals) > 1)
 
     @classmethod
     def load(cls, path: str | Path, fmt: str | None = None) -> "PoseTable":
@@ -151,7 +167,7 @@ class PoseTable:
             df = read_hdf_safely(path, key=DLC_H5_KEY)
         elif fmt == "csv":
             try:
-                df = pd.read_csv(path, header=[0, 1, 2, 3], index_col=0)
+                df = pd.read_csv(path, header=list(range(_csv_header_rows(path))), index_col=0)
             except (UnicodeDecodeError, ValueError, IndexError, pd.errors.ParserError) as exc:
                 raise InputError(f"{path}: not a DeepLabCut pose table in CSV ({type(exc).__name__}: "
                                  f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
@@ -250,13 +266,19 @@ class PoseTable:
 
         return to_slp(self, path)
 
-    def save(self, out: str | Path, formats: tuple[str, ...] | list[str] = ("h5",), stem: str | None = None) -> dict[str, Path]:
+    def save(self, out: str | Path, formats: tuple[str, ...] | list[str] = ("h5",), stem: str | None = None,
+             dlc_meta: bool = True) -> dict[str, Path]:
         """Write the table in each of ``formats`` (h5, csv, json, parquet, nwb, slp) plus a
-        ``.meta.json`` sidecar.
+        ``.meta.json`` sidecar and, with h5 or csv, DeepLabCut's ``_meta.pickle``.
 
-        ``out`` is a directory (files are named ``<stem>.<ext>``) or, for one format,
-        a file path with that suffix. Returns ``{format: path}`` including ``"meta"``.
+        ``out`` is a directory or, for one format, a file path with that suffix. In a
+        directory files are named ``<stem>.<ext>``; the default stem is DeepLabCut's
+        ``<video><scorer>`` (see :mod:`posezoo.dlc`), or the scorer when the video is not
+        known. Returns ``{format: path}`` including ``"meta"`` (and ``"dlc_meta"``).
+        ``dlc_meta=False`` leaves the pickle out (a filtered table beside its raw one).
         """
+        from .dlc import output_stem, write_video_metadata
+
         out = Path(out)
         unknown = [f for f in formats if f not in FORMATS]
         if unknown:
@@ -265,11 +287,14 @@ class PoseTable:
             base = out.with_suffix("")
             formats = [out.suffix.lstrip(".")]
         else:
-            base = out / (stem or self.scorer.replace("@", "_"))
+            video = (self.metadata.get("video") or {}).get("path")
+            base = out / (stem or (output_stem(video, self.scorer) if video else self.scorer))
         base.parent.mkdir(parents=True, exist_ok=True)
         writers = {"h5": self.to_h5, "csv": self.to_csv, "json": self.to_json, "parquet": self.to_parquet,
                    "nwb": self.to_nwb, "slp": self.to_slp}
         paths = {fmt: writers[fmt](base.with_name(f"{base.name}.{fmt}")) for fmt in formats}
+        if dlc_meta and {"h5", "csv"} & set(formats):
+            paths["dlc_meta"] = write_video_metadata(self, base.with_name(f"{base.name}_meta.pickle"))
         meta = base.with_name(f"{base.name}.meta.json")
         meta.write_text(json.dumps(self.metadata, indent=2, default=_json_default))
         paths["meta"] = meta
@@ -286,6 +311,15 @@ def portable(metadata):
     if isinstance(metadata, str) and (metadata.startswith("/") or (len(metadata) > 2 and metadata[1:3] == ":\\")):
         return Path(metadata).name
     return metadata
+
+
+def _csv_header_rows(path: Path) -> int:
+    """3 for DeepLabCut's single-animal CSV (``scorer, bodyparts, coords``), 4 when it has an
+    ``individuals`` row."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        f.readline()
+        second = f.readline()
+    return 4 if second.split(",", 1)[0].strip() == "individuals" else 3
 
 
 def _require_numeric(df: pd.DataFrame, path: Path) -> None:

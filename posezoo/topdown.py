@@ -31,6 +31,7 @@ import numpy as np
 
 from .cards import DetectorSpec, ModelCard, TopDownSpec
 from .decoding import decode_outputs, decode_simcc
+from .dlc import scorer_name
 from .errors import InputError, PosezooError
 from .predictor import FrameLoop, StageTimes, finish_poses
 from .runtime import OrtModel, normalise_batch
@@ -580,8 +581,8 @@ class TopDownPredictor:
         data = finish_poses(data, meta, loop, info, pcutoff=self.card.pcutoff, allow_truncated=allow_truncated,
                             filter=filter, filter_window=filter_window, max_jump=max_jump)
         individuals = tuple(f"animal{i}" for i in range(n_keep))
-        return PoseTable(data, tuple(self.card.keypoints), individuals, self.card.ref, meta, boxes=boxes_all,
-                         skeleton=tuple(self.card.skeleton))
+        return PoseTable(data, tuple(self.card.keypoints), individuals, scorer_name(self.card, self.detector.card),
+                         meta, boxes=boxes_all, skeleton=tuple(self.card.skeleton), multi_animal=True)
 
     def _metadata(self, info, times: StageTimes, n_frames: int, batch_size: int) -> dict:
         total = max(times.total, 1e-9)

@@ -21,7 +21,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from .errors import TruncatedVideoError, VideoError
+from .errors import InputError, TruncatedVideoError, VideoError
 
 #: FFmpeg's area-averaging scaler: the right filter for the 2x-and-more downscales the
 #: small models use (training resizes its images with the same kind of filter).
@@ -62,6 +62,54 @@ class FrameBatch:
 
     start: int
     frames: np.ndarray
+
+
+#: what a folder of videos is searched for (DeepLabCut's SUPPORTED_VIDEOS, and a few more)
+VIDEO_EXTENSIONS = ("avi", "mp4", "mov", "mpeg", "mpg", "mpv", "mkv", "flv", "qt", "yuv", "m4v", "webm")
+#: never taken from a folder or glob: labelled videos posezoo and DeepLabCut write there
+_NOT_INPUTS = ("*_labeled.*", "*_full.*")
+
+
+def collect_videos(inputs: list[str | os.PathLike], extensions: tuple[str, ...] | list[str] = VIDEO_EXTENSIONS) -> list[Path]:
+    """The video files named by ``inputs``, as DeepLabCut's ``video_extensions`` collects them.
+
+    Each input is a file (taken whatever its extension), a folder (its files with one of
+    ``extensions``, not recursive) or a glob pattern (``cage1/*.mp4``). Labelled videos
+    (``*_labeled.*``) found in a folder or by a glob are left out. Duplicates are removed;
+    order is kept (folders and globs sorted by name).
+
+    Raises
+    ------
+    InputError
+        An input that names no file, or a folder/glob without a matching video.
+    """
+    import fnmatch
+    import glob
+
+    exts = {("." + e.lower().lstrip(".")) for e in extensions}
+    found: list[Path] = []
+
+    def keep(p: Path) -> bool:
+        return p.is_file() and p.suffix.lower() in exts and not any(fnmatch.fnmatch(p.name, x) for x in _NOT_INPUTS)
+
+    for item in inputs:
+        path = Path(item)
+        if path.is_file():
+            found.append(path)
+            continue
+        if path.is_dir():
+            hits = sorted(p for p in path.iterdir() if keep(p))
+            where = f"folder {path}"
+        elif any(c in str(item) for c in "*?["):
+            hits = sorted(p for p in map(Path, glob.glob(str(item))) if keep(p))
+            where = f"pattern {item!r}"
+        else:
+            raise InputError(f"{item}: no such file or folder")
+        if not hits:
+            raise InputError(f"no video in {where} (extensions: {', '.join(sorted(e.lstrip('.') for e in exts))}; "
+                             f"--video-extensions sets them)")
+        found += hits
+    return list(dict.fromkeys(found))
 
 
 def _open(path: str | os.PathLike, *, header_only: bool = False

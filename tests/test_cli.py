@@ -11,6 +11,10 @@ import pytest
 
 from conftest import OPENFIELD_FRAMES, noise_video
 
+#: DeepLabCut scorers of the bundled models (files are <video><scorer>.h5)
+MOUSE = "DLC_posezoo_mouse_1.1.0"
+TINY = "DLC_posezoo_tiny_mouse_0.1.0"
+
 
 def posezoo(*args, cwd=None, env=None):
     return subprocess.run([sys.executable, "-m", "posezoo", *map(str, args)], capture_output=True, text=True,
@@ -35,13 +39,14 @@ def test_predict_real_openfield_video_all_outputs(openfield_video, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "warning" not in r.stderr, r.stderr  # the mouse model fits the mouse video
     assert f"{OPENFIELD_FRAMES} frames" in r.stdout and "CPUExecutionProvider" in r.stdout
-    stem = "m3v1mp4_posezoo_mouse"  # the bundled default model, trained on the openfield labels
+    stem = f"m3v1mp4{MOUSE}"  # the bundled default model, trained on the openfield labels
     ds = load_poses.from_dlc_file(tmp_path / f"{stem}.h5", fps=30)
     assert ds.sizes["time"] == OPENFIELD_FRAMES
     assert list(ds.keypoints.values) == ["snout", "leftear", "rightear", "tailbase"]
     # plausible poses on every frame: confident, and a mouse-sized body (the video is 640x480)
-    pos = ds.position.sel(individuals="animal0").values  # (time, space, keypoints)
-    conf = ds.confidence.sel(individuals="animal0").values
+    # a single-animal DeepLabCut table (3 column levels): movement names its one animal individual_0
+    pos = ds.position.sel(individuals="individual_0").values  # (time, space, keypoints)
+    conf = ds.confidence.sel(individuals="individual_0").values
     assert np.median(conf) > 0.5 and (conf > 0.4).mean() > 0.95  # measured: 0.77 and 0.98
     assert (conf.max(axis=1) > 0.4).mean() > 0.99  # a confident point on all but a few frames (2 of 2330)
     body = np.linalg.norm(pos[:, :, 0] - pos[:, :, 3], axis=1)  # snout to tailbase
@@ -53,7 +58,7 @@ def test_predict_real_openfield_video_all_outputs(openfield_video, tmp_path):
     assert (tmp_path / f"{stem}.parquet").stat().st_size > 0
     meta = json.loads((tmp_path / f"{stem}.meta.json").read_text())
     assert meta["video"]["n_frames"] == OPENFIELD_FRAMES and meta["runtime"]["providers"] == ["CPUExecutionProvider"]
-    with av.open(str(tmp_path / "m3v1mp4_labeled.mp4")) as c:
+    with av.open(str(tmp_path / f"{stem}_labeled.mp4")) as c:
         s = c.streams.video[0]
         assert (s.codec_context.name, s.pix_fmt, s.frames) == ("h264", "yuv420p", OPENFIELD_FRAMES)
         assert sum(1 for _ in c.decode(s)) == OPENFIELD_FRAMES
@@ -86,7 +91,7 @@ def test_truncated_faststart_video_writes_partial_results_and_fails(tmp_path):
     r = posezoo("predict", cut, "--out", tmp_path / "out", "--no-progress", "--model", "posezoo_tiny_mouse")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "truncated" in r.stderr and "frames that decoded" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    meta = json.loads((tmp_path / "out" / "cut_posezoo_tiny_mouse.meta.json").read_text())
+    meta = json.loads((tmp_path / "out" / f"cut{TINY}.meta.json").read_text())
     assert 0 < meta["truncated"]["frames_read"] < 60
 
 
@@ -106,7 +111,7 @@ def test_demo_video_then_predict(tmp_path):
     r = posezoo("predict", tmp_path / "demo.mp4", "--out", tmp_path, "--format", "json", "--labeled-video",
                 "--filter", "median", "--no-progress")
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "demo_labeled.mp4").exists() and (tmp_path / "demo_posezoo_mouse.json").exists()
+    assert (tmp_path / f"demo{MOUSE}_filtered_labeled.mp4").exists() and (tmp_path / f"demo{MOUSE}.json").exists()
 
 
 def test_bench_reports_every_figure(mouse_video):
@@ -126,7 +131,7 @@ def test_species_first_model_choice(openfield_video, tmp_path):
     r = posezoo("predict", openfield_video, "--species", "mouse", "--view", "top", "--max-frames", "30",
                 "--out", tmp_path, "--no-progress")
     assert r.returncode == 0, r.stderr
-    assert "using posezoo_mouse@1.1.0" in r.stderr and (tmp_path / "m3v1mp4_posezoo_mouse.h5").exists()
+    assert "using posezoo_mouse@1.1.0" in r.stderr and (tmp_path / f"m3v1mp4{MOUSE}.h5").exists()
     # no ready dog model here: the message says exactly what to run for each candidate
     assert_one_line_error(posezoo("predict", openfield_video, "--species", "dog", "--out", tmp_path),
                           "no dog model is ready", "pip install 'posezoo[conversion]' && posezoo zoo pull "
@@ -150,5 +155,5 @@ def test_a_model_that_does_not_fit_the_video_warns(tmp_path):
     assert r.returncode == 0, r.stderr
     warning = [line for line in r.stderr.splitlines() if line.startswith("posezoo: warning:")]
     assert len(warning) == 1 and "mouse model (top view)" in warning[0] and "another species or view" in warning[0]
-    meta = json.loads((tmp_path / "noise_posezoo_mouse.meta.json").read_text())
+    meta = json.loads((tmp_path / f"noise{MOUSE}.meta.json").read_text())
     assert meta["fit"]["fits"] is False and meta["fit"]["confident_frames"] < 0.5

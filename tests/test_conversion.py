@@ -343,11 +343,12 @@ def test_predict_cli_top_down_on_openfield_video(converted, tmp_path):
            "--detector-every", "4", "--max-individuals", "3", "--no-progress"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stderr
-    h5 = tmp_path / "m3v1mp4_superanimal_topviewmouse.h5"
+    stem = f"m3v1mp4_superanimal_topviewmouse_hrnet_w32_{MOUSE_DET}"  # as deeplabcut.video_inference_superanimal
+    h5 = tmp_path / f"{stem}.h5"
     ds = load_poses.from_dlc_file(h5, fps=30)
     assert ds.sizes["time"] == 24 and ds.sizes["keypoints"] == 27 and 1 <= ds.sizes["individuals"] <= 3
     assert list(ds.individuals.values) == [f"animal{i}" for i in range(ds.sizes["individuals"])]
-    meta = json.loads((tmp_path / "m3v1mp4_superanimal_topviewmouse.meta.json").read_text())
+    meta = json.loads((tmp_path / f"{stem}.meta.json").read_text())
     assert meta["top_down"]["detector_every"] == 4 and meta["timings"]["detector_runs"] == 6
     assert meta["detector"]["name"] == f"superanimal_topviewmouse_{MOUSE_DET}"
     assert np.isfinite(ds.position.values).any()

@@ -146,7 +146,8 @@ def test_posezoo_h5_loads_unchanged(table, tmp_path):
 @pytest.mark.parametrize("fmt", ["table", "fixed"])
 def test_single_animal_deeplabcut_table_loads(table, tmp_path, fmt):
     """DeepLabCut's 3-level single-animal layout (scorer / bodyparts / coords)."""
-    df = table.to_dataframe().droplevel("individuals", axis=1)
+    df = table.to_dataframe()  # a single-animal table is written with DeepLabCut's 3 levels
+    assert df.columns.names == ["scorer", "bodyparts", "coords"]
     df.to_hdf(tmp_path / "dlc.h5", key=DLC_H5_KEY, mode="w", format=fmt)
     back = PoseTable.load(tmp_path / "dlc.h5")
     np.testing.assert_array_equal(back.data, table.data)

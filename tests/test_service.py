@@ -25,6 +25,8 @@ from s3server import free_port
 
 KEYS = {"alice": "alice-token-0123456789", "bob": "bob-token-9876543210", "carol": "carol-token-5555555555"}
 MB = 1 << 20
+#: DeepLabCut's scorer of the tiny model: results are <video><scorer>.<ext>
+TINY_SCORER = "DLC_posezoo_tiny_mouse_0.1.0"
 
 
 # -- server harness ------------------------------------------------------------------------
@@ -446,7 +448,7 @@ def test_s3_input(server, videos, s3):
     assert job["status"] == "succeeded", job
     assert set(job["results"]) == {"csv", "video", "meta"} and job["n_frames"] == 40
     csv = httpx.get(f"{server.url}{job['results']['csv']}", headers=auth()).text
-    assert len(csv.strip().splitlines()) == 4 + 40
+    assert len(csv.strip().splitlines()) == 3 + 40  # a single-animal model: DeepLabCut's 3 header rows
     assert not (server.data_dir / "work" / job["id"]).exists()
 
 
@@ -589,8 +591,7 @@ def test_results_in_s3_with_presigned_urls_and_anonymous_mode(tmp_path_factory, 
         keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=f"results/{job['id']}/")
                 ["Contents"]}
         assert keys == {f"results/{job['id']}/{n}" for n in (
-            "upload_posezoo_tiny_mouse.h5", "upload_posezoo_tiny_mouse.json", "upload_posezoo_tiny_mouse.meta.json",
-            "upload_labeled.mp4")}
+            f"upload{TINY_SCORER}.h5", f"upload{TINY_SCORER}.json", f"upload{TINY_SCORER}.meta.json", f"upload{TINY_SCORER}_labeled.mp4")}
         assert not (srv.data_dir / "results" / job["id"]).exists()
         r = httpx.get(f"{srv.url}{job['results']['video']}")
         assert r.status_code == 307 and r.headers["location"].startswith(s3.endpoint)
@@ -602,7 +603,7 @@ def test_results_in_s3_with_presigned_urls_and_anonymous_mode(tmp_path_factory, 
         assert info["url"].startswith(s3.endpoint) and info["expires_in"] == 3600 and info["bytes"] > 0
         with Client(srv.url, progress=False) as client:
             result = client.predict(videos["short"], formats=["h5"], out=tmp_path)
-            assert result.table.n_frames == 40 and result.paths["h5"].name == "short_posezoo_tiny_mouse.h5"
+            assert result.table.n_frames == 40 and result.paths["h5"].name == f"short{TINY_SCORER}.h5"
         # the server's results cannot be named as a source
         assert_error(httpx.post(f"{srv.url}/v1/jobs", json={"source": f"s3://{s3.bucket}/results/{job['id']}/x"}),
                      403, "forbidden_source")
@@ -619,8 +620,9 @@ def test_remote_predict_cli(server, videos, tmp_path):
                        capture_output=True, text=True, env=env, timeout=180)
     assert r.returncode == 0, r.stderr
     assert "40 frames" in r.stdout
-    assert {p.name for p in tmp_path.iterdir()} == {"short_posezoo_tiny_mouse.h5", "short_posezoo_tiny_mouse.csv",
-                                                    "short_posezoo_tiny_mouse.meta.json", "short_labeled.mp4"}
+    # DeepLabCut's names (<video><scorer>); no _meta.pickle: the service never hands out a pickle
+    assert {p.name for p in tmp_path.iterdir()} == {f"short{TINY_SCORER}.h5", f"short{TINY_SCORER}.csv", f"short{TINY_SCORER}.meta.json",
+                                                    f"short{TINY_SCORER}_labeled.mp4"}
     r = subprocess.run([sys.executable, "-m", "posezoo", "remote", "predict", str(videos["short"]), "--url",
                         server.url, "--model", "nope", "--no-progress"], capture_output=True, text=True, env=env,
                        timeout=60)
@@ -747,7 +749,7 @@ def test_openfield_video_through_client_and_curl(tmp_path_factory, openfield_vid
             s = c.streams.video[0]
             assert (s.codec_context.name, s.pix_fmt) == ("h264", "yuv420p")
             assert sum(1 for _ in c.decode(s)) == OPENFIELD_FRAMES
-    cli_table = __import__("posezoo").PoseTable.load(cli_out / f"m3v1mp4_{__import__('posezoo').DEFAULT_MODEL}.h5")
+    cli_table = __import__("posezoo").PoseTable.load(cli_out / "m3v1mp4DLC_posezoo_mouse_1.1.0.h5")
     import numpy as np
 
     np.testing.assert_allclose(result.table.data, cli_table.data, atol=1e-3)

@@ -227,10 +227,10 @@ def test_results_cannot_be_named_as_a_source_in_any_spelling(server, mouse, s3):
                    content=mouse.read_bytes())
     job = wait_job(server, r.json()["id"])
     assert job["status"] == "succeeded", job
-    key = f"results/{job['id']}/m_labeled.mp4"
+    key = f"results/{job['id']}/mDLC_posezoo_tiny_mouse_0.1.0_labeled.mp4"
     s3.client().head_object(Bucket=s3.bucket, Key=key)  # it is there
     spellings = [f"s3://{s3.bucket}/{key}", f"s3://{s3.bucket}//{key}", f"S3://{s3.bucket}/{key}",
-                 f"s3://{s3.bucket.upper()}/{key}", f"s3://{s3.bucket}/results//{job['id']}/m_labeled.mp4",
+                 f"s3://{s3.bucket.upper()}/{key}", f"s3://{s3.bucket}/results//{job['id']}/mDLC_posezoo_tiny_mouse_0.1.0_labeled.mp4",
                  f"s3://{s3.bucket}/inputs/../{key}", f"s3://{s3.bucket}/./{key}", f" s3://{s3.bucket}/{key}"]
     for uri in spellings:
         r = httpx.post(f"{server.url}/v1/jobs", headers=auth("bob"), json={"source": uri})

@@ -877,6 +877,7 @@ class JobManager:
         shutil.rmtree(self.uploads / job_id, ignore_errors=True)
 
     def _pipeline(self, rec: JobRecord, work: Path, tracker: "_Tracker") -> dict[str, ResultFile]:
+        from ..dlc import output_stem
         from ..render import render_labeled_video
 
         opts = rec.options
@@ -922,14 +923,15 @@ class JobManager:
         table = table.with_metadata(**meta)
         tracker.stage("writing")
         out = work / "out"
-        stem = f"{name}_{predictor.card.name}"
-        paths = table.save(out, opts.formats, stem=stem)
+        stem = output_stem(name, table.scorer)  # DeepLabCut's <video><scorer>
+        # no _meta.pickle: a client must never be handed a pickle to load (the CLI writes its own)
+        paths = table.save(out, opts.formats, stem=stem, dlc_meta=False)
         files: dict[str, Path] = {k: v for k, v in paths.items() if k != "meta"}
         if opts.labeled_video:
             tracker.stage("rendering")
             pcut = opts.pcutoff if opts.pcutoff is not None else predictor.card.pcutoff
             files["video"] = render_labeled_video(
-                video, table, out / f"{name}_labeled.mp4", skeleton=predictor.card.skeleton, pcutoff=pcut,
+                video, table, out / f"{stem}_labeled.mp4", skeleton=predictor.card.skeleton, pcutoff=pcut,
                 trail_length=opts.trail, progress=tracker.render_frames, draw_boxes=bool(opts.draw_boxes),
             )
         files["meta"] = paths["meta"]
