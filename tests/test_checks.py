@@ -1,0 +1,59 @@
+"""The head/tail plausibility check: the bundled mouse model over all 2330 frames of the real
+openfield video, with body-length bounds from the human labels; and the check catching
+confusions planted in a real table."""
+
+import numpy as np
+import pytest
+
+from conftest import OPENFIELD_FRAMES, SHARED
+from posezoo.checks import body_length_bounds, head_tail_check
+from posezoo.errors import InputError
+from posezoo.labelled import load_labelled
+
+EARS = ("leftear", "rightear")
+
+
+@pytest.fixture(scope="module")
+def bounds():
+    labels = load_labelled(SHARED / "labeled-data" / "m4s1", check_images=False)
+    k = list(labels.keypoints)
+    lengths = np.linalg.norm(labels.coords[:, k.index("snout")] - labels.coords[:, k.index("tailbase")], axis=1)
+    return body_length_bounds(lengths)
+
+
+@pytest.fixture(scope="module")
+def video_table(openfield_video):
+    import posezoo
+
+    predictor = posezoo.load("posezoo_mouse", device="cpu")
+    return predictor, predictor.predict_video(openfield_video, batch_size=32)
+
+
+def test_bundled_mouse_model_has_no_head_tail_confusion_on_the_real_video(video_table, bounds):
+    predictor, table = video_table
+    assert table.n_frames == OPENFIELD_FRAMES
+    report = head_tail_check(table.data, table.keypoints, head="snout", tail="tailbase", length_bounds=bounds,
+                             pcutoff=predictor.card.pcutoff, ears=EARS)
+    print(f"\n{predictor.card.ref}: {report.n_checked}/{report.n_frames} frames checked, snout-tailbase "
+          f"p1/p50/p99 {np.round(report.length_px, 1).tolist()} px within {np.round(bounds, 1).tolist()}")
+    assert report.n_checked > 0.9 * OPENFIELD_FRAMES  # measured: 2219
+    assert report.ok, (report.bad_length[:20], report.turned[:20], report.head_behind_ears[:20])
+
+
+def test_planted_confusions_are_found(video_table, bounds):
+    predictor, table = video_table
+    k = list(table.keypoints)
+    s, t = k.index("snout"), k.index("tailbase")
+    data = table.data.copy()
+    data[100, 0, [s, t]] = data[100, 0, [t, s]]          # a swap in one frame
+    data[500, 0, s, :2] = data[500, 0, t, :2] + 3.0      # the snout on the tail base
+    report = head_tail_check(data, k, head="snout", tail="tailbase", length_bounds=bounds,
+                             pcutoff=predictor.card.pcutoff, ears=EARS)
+    assert not report.ok
+    assert 100 in report.turned and 101 in report.turned and 100 in report.head_behind_ears
+    assert 500 in report.bad_length
+    data[500, 0, s, 2] = 0.0  # not confident: not checked
+    assert 500 not in head_tail_check(data, k, head="snout", tail="tailbase", length_bounds=bounds,
+                                      pcutoff=predictor.card.pcutoff).bad_length
+    with pytest.raises(InputError, match="nose"):
+        head_tail_check(data, k, head="nose", tail="tailbase", length_bounds=bounds, pcutoff=0.4)
