@@ -404,7 +404,7 @@ def _add_remote_parser(sub) -> None:
 
 def _remote_cmd(args) -> int:
     if args.remote_command == "hash-key":
-        import hashlib  # as posezoo.service_config.hash_api_key (which needs the service extra)
+        import hashlib  # as service.config.hash_api_key (which needs the service extra)
 
         print(hashlib.sha256(args.key.encode("utf-8")).hexdigest())
         return 0

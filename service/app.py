@@ -1,6 +1,6 @@
 """The HTTP API of the posezoo service (FastAPI, mounted on the BentoML service at ``/v1``).
 
-A thin adapter: every decision is made by :class:`posezoo.jobs.JobManager`. This module
+A thin adapter: every decision is made by :class:`service.jobs.JobManager`. This module
 only turns requests into calls (uploads are streamed to disk chunk by chunk, never held
 in memory) and errors into ``{"error": code, "detail": message}`` answers.
 """
@@ -18,7 +18,12 @@ from urllib.parse import urlencode
 
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    RedirectResponse,
+    StreamingResponse,
+)
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -26,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from posezoo.errors import PosezooError
-from posezoo.jobs import (
+from service.jobs import (
     ApiKeys,
     AuthError,
     ErrorBody,
@@ -533,7 +538,7 @@ def _accepted(rec) -> JSONResponse:
 
 def finetune_unavailable_reason() -> str | None:
     """Why fine-tune jobs cannot run here (``None`` when they can); never imports PyTorch."""
-    from posezoo.jobs.finetune import unavailable_reason
+    from service.jobs.finetune import unavailable_reason
 
     return unavailable_reason()
 

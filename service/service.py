@@ -9,7 +9,7 @@ file inputs would hold a whole upload in memory). BentoML adds the process manag
 (``/docs.json``; the API's own page is ``/v1/docs``), and the bento/container build.
 
 Jobs are *not* BentoML tasks: ``@bentoml.task`` keeps its records in a SQLite file that is
-deleted at every start. posezoo's :class:`~posezoo.jobs.JobManager` keeps them durably.
+deleted at every start. posezoo's :class:`~service.jobs.JobManager` keeps them durably.
 
 This module is imported twice: by ``bentoml serve`` itself (to read the service
 definition) and by its worker. Settings are checked at import, so a bad setting, or a
@@ -26,10 +26,10 @@ import signal
 import bentoml
 
 from posezoo.errors import PosezooError
-from posezoo.jobs import JobManager
-from posezoo.jobs.manager import DataDirInUseError, check_data_dir_free
-from posezoo.service_config import load_settings
 from service.app import JsonErrors, create_app
+from service.config import load_settings
+from service.jobs import JobManager
+from service.jobs.manager import DataDirInUseError, check_data_dir_free
 from service.process import install_log_escaping, watch_parent
 
 install_log_escaping()

@@ -14,9 +14,9 @@ import pytest
 psycopg = pytest.importorskip("psycopg", reason="psycopg is in the service extra: pip install 'posezoo[service]'")
 
 from pgserver import pg_server  # noqa: E402, F401  (the session fixture)
-from posezoo.jobs.models import JobOptions, JobRecord  # noqa: E402
-from posezoo.jobs.pg_store import SCHEMA_VERSION, PgJobStore, SchemaError, StoreUnavailable  # noqa: E402
-from posezoo.jobs.store import JobStore  # noqa: E402
+from service.jobs.models import JobOptions, JobRecord  # noqa: E402
+from service.jobs.pg_store import SCHEMA_VERSION, PgJobStore, SchemaError, StoreUnavailable  # noqa: E402
+from service.jobs.store import JobStore  # noqa: E402
 
 CTX = mp.get_context("fork")  # children build their own stores; nothing of the parent's is used
 

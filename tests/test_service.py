@@ -89,7 +89,7 @@ class Server:
 
 
 def key_env(**extra) -> dict[str, str]:
-    from posezoo.service_config import hash_api_key
+    from service.config import hash_api_key
 
     env = {"POSEZOO_SERVICE_API_KEYS": json.dumps({k: hash_api_key(v) for k, v in KEYS.items()})}
     env.update({f"POSEZOO_SERVICE_{k.upper()}": str(v) for k, v in extra.items()})

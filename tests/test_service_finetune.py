@@ -188,8 +188,8 @@ def test_cancel_a_running_finetune_job(server, good_zip):
 
 
 def test_unavailable_without_torch_and_when_disabled(monkeypatch):
-    from posezoo.jobs import finetune
-    from posezoo.service_config import load_settings
+    from service.jobs import finetune
+    from service.config import load_settings
 
     assert "disabled" in finetune.unavailable_reason(load_settings(finetune_enabled=False))
     real = importlib.util.find_spec
@@ -202,9 +202,9 @@ def test_interrupted_finetune_jobs_resume_or_fail_with_a_reason(tmp_path, good_z
     is gone fails with the reason."""
     import shutil
 
-    from posezoo.jobs import FinetuneOptions, JobManager, JobOptions, JobRecord
-    from posezoo.jobs.archive import extract_zip
-    from posezoo.service_config import load_settings
+    from service.jobs import FinetuneOptions, JobManager, JobOptions, JobRecord
+    from service.jobs.archive import extract_zip
+    from service.config import load_settings
 
     settings = load_settings(data_dir=tmp_path / "data", finetune_threads=2)
     m = JobManager(settings)

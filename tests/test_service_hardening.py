@@ -301,7 +301,7 @@ def test_options_and_names_are_refused_before_the_202(server, mouse):
 
 
 def test_job_error_details_are_one_line():
-    from posezoo.jobs.manager import one_line
+    from service.jobs.manager import one_line
 
     hdf5 = ("HDF5ExtError: Problems creating the table\nHDF5-DIAG: Error detected in HDF5 (1.14.2) thread 0:\n"
             "  #000: H5D.c line 137 in H5Dcreate2(): unable to create dataset\n" * 20)

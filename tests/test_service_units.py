@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from posezoo.errors import PosezooError, TruncatedVideoError, VideoError
-from posezoo.jobs import (
+from service.jobs import (
     ApiKeys,
     AuthError,
     JobOptions,
@@ -27,7 +27,7 @@ from posezoo.jobs import (
     redact_url,
     validate_video,
 )
-from posezoo.service_config import hash_api_key, load_settings
+from service.config import hash_api_key, load_settings
 
 
 def test_settings_from_environment_and_file(tmp_path, monkeypatch):
@@ -204,21 +204,21 @@ def test_filter_options_are_checked_as_the_filter_applies_them():
     ("https://example.org/v.mp4?sig=1", "https://example.org/v.mp4?sig=1"),
 ])
 def test_source_uris_are_normalised_before_checks(uri, canonical):
-    from posezoo.jobs.storage import normalise_source_uri
+    from service.jobs.storage import normalise_source_uri
 
     assert normalise_source_uri(uri) == canonical
 
 
 @pytest.mark.parametrize("uri", ["s3://b/../k", "s3://b/./k", "s3:///k", "s3://b/k\nx", "s3://b/k?x=1"])
 def test_bad_source_uris_are_refused(uri):
-    from posezoo.jobs.storage import normalise_source_uri
+    from service.jobs.storage import normalise_source_uri
 
     with pytest.raises(SourceError):
         normalise_source_uri(uri)
 
 
 def test_results_store_recognises_its_own_keys(tmp_path):
-    from posezoo.jobs import ResultStore
+    from service.jobs import ResultStore
 
     store = ResultStore(tmp_path, "s3://res/out", s3=object())
     assert store.holds("s3://res/out/j/x.mp4") and store.holds("s3://res/out")
@@ -226,7 +226,7 @@ def test_results_store_recognises_its_own_keys(tmp_path):
 
 
 def test_file_names_are_checked():
-    from posezoo.jobs import check_filename
+    from service.jobs import check_filename
 
     assert check_filename("dir/sub\\video.mp4") == "video.mp4" and check_filename("..") is None
     for bad in ("a\x00b.mp4", "a\nb.mp4", "x" * 201):
@@ -236,7 +236,7 @@ def test_file_names_are_checked():
 
 
 def test_uploads_that_stall_or_trickle_are_cut_off():
-    from posezoo.jobs import paced
+    from service.jobs import paced
 
     async def trickle(pause: float, n: int):
         for _ in range(n):
@@ -257,7 +257,7 @@ def test_uploads_that_stall_or_trickle_are_cut_off():
 def test_pixel_budget_lets_one_oversized_request_through_alone():
     import threading
 
-    from posezoo.jobs.manager import _Budget
+    from service.jobs.manager import _Budget
 
     b = _Budget(100)
     assert b.acquire(60, timeout=0) and not b.acquire(60, timeout=0.05)

@@ -177,3 +177,25 @@ def test_the_library_never_imports_the_conversion_package():
     from conversion.pull import convert_into_cache
 
     assert converters() == [convert_into_cache]
+
+
+def test_the_library_holds_no_service_or_job_code():
+    """The job machinery and the service's settings live in service/ (HTTP, queues, stores);
+    the installable library imports none of it, nor the web stack, in any module."""
+    import re
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    assert not (REPO / "posezoo" / "jobs").exists() and not (REPO / "posezoo" / "service_config.py").exists()
+    for path in (REPO / "posezoo").rglob("*.py"):
+        assert not re.search(r"^\s*(from|import)\s+(service|bentoml|fastapi|starlette)\b", path.read_text(), re.M), path
+    modules = [p.relative_to(REPO).with_suffix("").as_posix().replace("/", ".")
+               for p in (REPO / "posezoo").rglob("*.py") if p.name != "__main__.py"
+               and "training" not in p.parts]  # training needs torch; checked by the grep above
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'service', 'bentoml', 'fastapi', 'starlette'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO / "tests")
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

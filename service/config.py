@@ -1,4 +1,4 @@
-"""Settings of the hosted service (``service/``) and its job machinery (:mod:`posezoo.jobs`).
+"""Settings of the hosted service (``service/``) and its job machinery (:mod:`service.jobs`).
 
 Every setting comes from an environment variable ``POSEZOO_SERVICE_<NAME>`` (upper
 case), or from a YAML/JSON file named by ``POSEZOO_SERVICE_CONFIG`` (keys are the
@@ -20,9 +20,13 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
-from .errors import PosezooError
+from posezoo.errors import PosezooError
 
 CONFIG_ENV = "POSEZOO_SERVICE_CONFIG"
 ENV_PREFIX = "POSEZOO_SERVICE_"
@@ -156,7 +160,7 @@ class ServiceSettings(BaseSettings):
 
     @property
     def model_default(self) -> str:
-        from .predictor import DEFAULT_MODEL
+        from posezoo.predictor import DEFAULT_MODEL
 
         return self.default_model or DEFAULT_MODEL
 

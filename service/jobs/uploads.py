@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import PosezooError
+from posezoo.errors import PosezooError
 
 WRITE_BUFFER = 1 << 20
 MAX_FIELD_BYTES = 64 << 10

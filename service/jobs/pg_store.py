@@ -1,7 +1,7 @@
 """Durable job records in PostgreSQL, shared by several service replicas.
 
-:class:`PgJobStore` keeps the same :class:`~posezoo.jobs.models.JobRecord` JSON documents as
-the SQLite :class:`~posezoo.jobs.store.JobStore`, with the same ``put``/``get``/``list``/
+:class:`PgJobStore` keeps the same :class:`~service.jobs.models.JobRecord` JSON documents as
+the SQLite :class:`~service.jobs.store.JobStore`, with the same ``put``/``get``/``list``/
 ``delete``/``close`` methods and results (the documents are kept as ``json`` text, byte for
 byte as put), so a caller of those cannot tell the two apart. On
 top of them it offers what replicas sharing one database need: claiming queued jobs under a
@@ -82,7 +82,8 @@ from typing import TypeVar
 import psycopg
 from psycopg import errors as pg_errors
 
-from ..errors import PosezooError
+from posezoo.errors import PosezooError
+
 from .models import JobRecord, Progress
 
 log = logging.getLogger("posezoo.jobs")

@@ -11,7 +11,8 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
-from ..errors import PosezooError
+from posezoo.errors import PosezooError
+
 from .models import RESULT_KINDS, ResultFile
 
 

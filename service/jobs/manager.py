@@ -7,11 +7,11 @@ GIL, so a few worker threads keep the cores busy while the web server stays resp
 
 Layout of ``settings.data_dir``::
 
-    jobs.sqlite            job records (posezoo.jobs.store)
+    jobs.sqlite            job records (service.jobs.store)
     uploads/<job>/input.*  uploaded videos, kept until their job ends (so it can resume)
     work/<job>/            scratch space of a running job (always removed at its end)
     results/<job>/         results of finished jobs (unless they go to S3)
-    catalogs/<key>/        models fine-tuned by an API key (posezoo.jobs.finetune), seen by that key only
+    catalogs/<key>/        models fine-tuned by an API key (service.jobs.finetune), seen by that key only
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import (
+from posezoo.errors import (
     ArtefactNotPublishedError,
     InputError,
     PosezooError,
@@ -37,9 +37,24 @@ from ..errors import (
     VideoError,
     ZooError,
 )
-from ..service_config import ServiceSettings
-from .models import TOP_DOWN_OPTIONS, FinetuneOptions, JobOptions, JobRecord, Progress, ResultFile
-from .storage import ResultStore, SourceError, Sources, normalise_source_uri, s3_client, split_s3_uri
+
+from ..config import ServiceSettings
+from .models import (
+    TOP_DOWN_OPTIONS,
+    FinetuneOptions,
+    JobOptions,
+    JobRecord,
+    Progress,
+    ResultFile,
+)
+from .storage import (
+    ResultStore,
+    SourceError,
+    Sources,
+    normalise_source_uri,
+    s3_client,
+    split_s3_uri,
+)
 
 log = logging.getLogger("posezoo.jobs")
 
@@ -112,7 +127,7 @@ def validate_video(path: Path, *, max_pixels: int | None = None, allow_truncated
     """
     import av
 
-    from ..video import probe
+    from posezoo.video import probe
 
     info = probe(path)
     name = path.name
@@ -186,7 +201,7 @@ class JobManager:
     """Runs video jobs durably. Thread-safe; one instance per server process."""
 
     def __init__(self, settings: ServiceSettings, zoo=None):
-        from ..zoo import Zoo
+        from posezoo.zoo import Zoo
 
         self.settings = settings
         self.root = Path(settings.data_dir).resolve()
@@ -347,7 +362,7 @@ class JobManager:
         """The zoo a key sees: its own fine-tuned models first, then the server's."""
         if owner is None or not self.owner_catalog(owner).is_dir():
             return self.zoo
-        from ..zoo import Zoo
+        from posezoo.zoo import Zoo
 
         with self._lock:
             z = self._owner_zoos.get(owner)
@@ -387,7 +402,7 @@ class JobManager:
 
     def predictor(self, spec: str, owner: str | None = None):
         """A cached :class:`~posezoo.predictor.PosePredictor` (loaded once per model)."""
-        from ..predictor import PosePredictor
+        from posezoo.predictor import PosePredictor
 
         ref = self.check_model(spec, owner)
         zoo = self.zoo_for(owner)
@@ -405,7 +420,7 @@ class JobManager:
             if p is None:
                 r = zoo.resolve(ref.split("#", 1)[0])
                 if r.card.task == "top_down":  # detector + crops
-                    from ..topdown import load_top_down
+                    from posezoo.topdown import load_top_down
 
                     p = load_top_down(r, zoo, device=self.settings.device, threads=self.settings.ort_threads)
                 else:
@@ -426,7 +441,7 @@ class JobManager:
         out = []
         own = set()
         if owner is not None and self.owner_catalog(owner).is_dir():
-            from ..zoo import Zoo
+            from posezoo.zoo import Zoo
 
             mine = Zoo([self.owner_catalog(owner)], include_bundled=False).cards(all_versions=True)
             own = {c.ref for c in mine}
@@ -877,8 +892,8 @@ class JobManager:
         shutil.rmtree(self.uploads / job_id, ignore_errors=True)
 
     def _pipeline(self, rec: JobRecord, work: Path, tracker: "_Tracker") -> dict[str, ResultFile]:
-        from ..dlc import output_stem
-        from ..render import render_labeled_video
+        from posezoo.dlc import output_stem
+        from posezoo.render import render_labeled_video
 
         opts = rec.options
         src = rec.source
@@ -911,7 +926,7 @@ class JobManager:
         self._metrics.frames.inc(table.n_frames)
         name = Path(src.get("filename") or "video").stem or "video"
         meta = self._public_metadata(table.metadata, rec, video)
-        from ..predictor import fit_warning
+        from posezoo.predictor import fit_warning
 
         warning = fit_warning(predictor.card, meta.get("fit", {}), self.zoo_for(rec.owner))
         if warning:  # the job still succeeds: the user decides
@@ -1166,7 +1181,11 @@ class _Metrics:
                         self.upload_bytes)
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
 
         for series in self._series:
             family = CounterMetricFamily if series.kind == "counter" else GaugeMetricFamily

@@ -2,7 +2,7 @@
 registered in the catalog of the API key that asked for it.
 
 At submission (the request waits, so that bad data is a 4xx): the zip is extracted safely
-(:mod:`posezoo.jobs.archive`), the labelled data is loaded and validated with
+(:mod:`service.jobs.archive`), the labelled data is loaded and validated with
 :mod:`posezoo.labelled` against the base model's card (keypoints, frame size, a held-out
 split). In the training pool (one job at a time): ``validating`` again (cheap; the data may
 come back from a restart), ``training`` and ``evaluating`` in a child process that runs
@@ -34,7 +34,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import InputError, PosezooError
+from posezoo.errors import InputError, PosezooError
+
 from .archive import ZipLimits, extract_zip
 from .models import FinetuneOptions, JobRecord, ResultFile
 from .uploads import UploadError
@@ -118,7 +119,7 @@ def plan(root: Path, opts: FinetuneOptions, card, settings) -> Plan:
 
     Raises :class:`UploadError` (4xx) naming the file (inside the zip) and the row.
     """
-    from ..labelled import check_keypoints, load_labelled, split_indices
+    from posezoo.labelled import check_keypoints, load_labelled, split_indices
 
     label = find_label_file(root)
     try:
@@ -223,7 +224,7 @@ def child_spec(p: Plan, root: Path, card, name: str, version: str, work: Path, z
 
 
 def run_child(spec: dict, work: Path, on_event, cancelled, poll_s: float = 0.2) -> dict:
-    """Run one training in ``python -m posezoo.jobs.finetune_child``; ``on_event(dict)`` gets its
+    """Run one training in ``python -m service.jobs.finetune_child``; ``on_event(dict)`` gets its
     progress; ``cancelled()`` is polled and kills the child when true (then ``on_event`` is told
     nothing more and the caller's own check raises). Returns the child's ``done`` event."""
     spec_path = work / "spec.json"
@@ -231,9 +232,12 @@ def run_child(spec: dict, work: Path, on_event, cancelled, poll_s: float = 0.2) 
     tmp = work / "tmp"
     tmp.mkdir(exist_ok=True)
     err_path = work / "train.log"
-    env = {**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+    # the child imports service.jobs from the directory that holds service/, whatever its cwd
+    here = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "PYTHONPATH": path}
     with open(err_path, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "posezoo.jobs.finetune_child", str(spec_path)],
+        proc = subprocess.Popen([sys.executable, "-m", "service.jobs.finetune_child", str(spec_path)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=env,
                                 cwd=str(work))
     lines: queue.Queue = queue.Queue()
@@ -303,7 +307,7 @@ def next_version(zoo, name: str) -> str:
 def publish(card_dir: Path, catalog: Path) -> Path:
     """Move the model directory the child prepared (card, and the ONNX and checkpoint unless they
     went to S3) into the key's ``catalog``; it appears all at once. Returns the card path."""
-    from ..cards import ModelCard
+    from posezoo.cards import ModelCard
 
     card = ModelCard.from_yaml(card_dir / "card.yaml")
     dest = catalog / card.name / card.version
@@ -346,8 +350,8 @@ def check_target(zoo, name: str, version: str | None) -> None:
 
 
 def run_job(m, rec: JobRecord, work: Path, tracker) -> dict[str, ResultFile]:
-    """The worker's side of a fine-tune job (``m`` is the :class:`~posezoo.jobs.JobManager`)."""
-    from ..cards import ModelCard
+    """The worker's side of a fine-tune job (``m`` is the :class:`~service.jobs.JobManager`)."""
+    from posezoo.cards import ModelCard
 
     opts = rec.finetune or FinetuneOptions()
     root = Path(rec.input_path or "")

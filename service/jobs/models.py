@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..table import FORMATS
+from posezoo.table import FORMATS
 
 JobStatus = Literal["uploading", "queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -85,8 +85,8 @@ class JobOptions(BaseModel):
     def _filter_applies(self) -> "JobOptions":
         # the rule the job itself applies, checked before the job is accepted
         if self.filter:
-            from ..errors import InputError
-            from ..filtering import check_filter
+            from posezoo.errors import InputError
+            from posezoo.filtering import check_filter
 
             try:
                 check_filter(self.filter, self.filter_window)

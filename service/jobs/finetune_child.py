@@ -1,6 +1,6 @@
-"""One fine-tune run, in its own process: ``python -m posezoo.jobs.finetune_child SPEC.json``.
+"""One fine-tune run, in its own process: ``python -m service.jobs.finetune_child SPEC.json``.
 
-Started by :func:`posezoo.jobs.finetune.run_child` (the server never imports PyTorch itself).
+Started by :func:`service.jobs.finetune.run_child` (the server never imports PyTorch itself).
 Runs :func:`posezoo.training.train_model` into a staging catalog, records the base model and
 the job in the card, publishes the files to S3 when asked, and reports on stdout, one JSON
 object a line: ``{"event": "stage", "stage": ...}``, ``{"event": "step", "step", "total",

@@ -5,7 +5,14 @@ imports BentoML or a web framework.
 """
 
 from .auth import ANONYMOUS, ApiKeys, AuthError
-from .manager import JobManager, JobNotFoundError, QueueFullError, Reservation, error_code, validate_video
+from .manager import (
+    JobManager,
+    JobNotFoundError,
+    QueueFullError,
+    Reservation,
+    error_code,
+    validate_video,
+)
 from .models import (
     RESULT_KINDS,
     TERMINAL,
@@ -20,7 +27,14 @@ from .models import (
 )
 from .storage import ResultStore, SourceError, Sources, check_public_host, redact_url
 from .store import JobStore
-from .uploads import UploadError, check_declared_length, check_filename, paced, receive_multipart, receive_raw
+from .uploads import (
+    UploadError,
+    check_declared_length,
+    check_filename,
+    paced,
+    receive_multipart,
+    receive_raw,
+)
 
 __all__ = [
     "ANONYMOUS", "ApiKeys", "AuthError", "ErrorBody", "FinetuneOptions", "JobManager", "JobNotFoundError",

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hmac
 
-from ..errors import PosezooError
-from ..service_config import hash_api_key
+from posezoo.errors import PosezooError
+
+from ..config import hash_api_key
 
 ANONYMOUS = "anonymous"
 
