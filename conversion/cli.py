@@ -7,6 +7,7 @@
     python -m conversion modelzoo --name primate_face --out converted/ [--tarball F.tar.gz]
     python -m conversion bench-modelzoo --name primate_face --tarball F.tar.gz --catalog converted/ --video V.mp4
     python -m conversion publish-zoo --to hf://org/repo | s3://bucket/prefix [--catalog models] [--checkpoints DIR]
+    python -m conversion quantize --model posezoo_mouse --labels CollectedData_Pranav.csv --store models
 """
 
 from __future__ import annotations
@@ -66,6 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--frames", type=int, default=16)
     bt.add_argument("--threads", type=int, default=None)
     bt.add_argument("--json", action="store_true")
+
+    qz = sub.add_parser("quantize", help="an INT8 (static QDQ) CPU variant of a posezoo heatmap model, calibrated on "
+                        "its training frames, registered as <name>@<version>-int8 (posezoo.quantize)")
+    qz.add_argument("--model", required=True, help="the fp32 zoo model, name[@version]")
+    qz.add_argument("--labels", required=True, help="the CollectedData_<scorer>.csv/.h5 it was trained on")
+    qz.add_argument("--store", default="models", help="catalog directory for <name>/<version>-int8/ (default: models)")
+    qz.add_argument("--calibrate", default="minmax", choices=["minmax", "entropy", "percentile"])
+    qz.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per channel)")
+    qz.add_argument("--no-rewrite", action="store_true",
+                    help="skip the exact fp32 rewrites (BatchNorm folding, ConvTranspose -> Conv + DepthToSpace)")
+    qz.add_argument("--float-input", action="store_true", help="keep the float input (default: uint8 pixels in)")
+    qz.add_argument("--quantize-head", action="store_true", help="quantise the output convolution too")
+    qz.add_argument("--no-evaluate", action="store_true", help="do not evaluate the variant into its card")
+    qz.add_argument("--threads", type=int, default=None)
 
     be = sub.add_parser("bench", help="posezoo (ONNX Runtime) vs DeepLabCut's PyTorch runner, same network and crops")
     be.add_argument("--video", required=True)
@@ -135,6 +150,25 @@ def _publish_zoo(args) -> int:
     return 0
 
 
+def _quantize(args) -> int:
+    import shlex
+
+    from posezoo.quantize import QuantRecipe, quantize_model
+
+    recipe = QuantRecipe(per_channel=not args.per_tensor, calibrate_method=args.calibrate, rewrite=not args.no_rewrite,
+                         uint8_input=not args.float_input, fp32_head=not args.quantize_head)
+    command = "python -m conversion " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
+    card = quantize_model(args.model, args.labels, args.store, recipe=recipe, evaluate=not args.no_evaluate,
+                          command=command, threads=args.threads)
+    test = (card.metrics or {}).get("test", {}).get("overall")
+    base = (card.metrics or {}).get("fp32_test_overall")
+    print(f"{card.ref}: {card.artefact.filename} ({card.artefact.bytes / 1e6:.2f} MB, sha256 "
+          f"{card.artefact.sha256[:12]}…) in {args.store}/{card.name}/{card.version}"
+          + (f"; test mean {test['mean_px']:.3f} px, PCK@5 {test['pck@5']:.1%}" if test else "")
+          + (f" (fp32: {base['mean_px']:.3f} px, PCK@5 {base['pck@5']:.1%})" if test and base else ""))
+    return 0
+
+
 def _bench_modelzoo(args) -> int:
     from .bench import bench_modelzoo, format_modelzoo_result
 
@@ -145,9 +179,11 @@ def _bench_modelzoo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return {"superanimal": _superanimal, "bench": _bench, "modelzoo": _modelzoo,
-                "bench-modelzoo": _bench_modelzoo, "publish-zoo": _publish_zoo}[args.command](args)
+                "bench-modelzoo": _bench_modelzoo, "publish-zoo": _publish_zoo,
+                "quantize": _quantize}[args.command](args)
     except (OSError, RuntimeError, ValueError, PosezooError) as exc:
         print(f"conversion: error: {exc}", file=sys.stderr)
         return 1

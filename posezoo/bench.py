@@ -125,3 +125,46 @@ def format_bench(r: dict) -> str:
             f"{r['peak_rss_mb_tenth']:.1f} MiB first {r['frames_tenth']} frames (ratio {r['peak_rss_ratio']:.3f})"
         )
     return "\n".join(lines)
+
+
+def run_bench_precisions(predictors: dict, video: str, *, batch_size: int = 16, max_frames: int | None = None,
+                         rss: bool = True, threads: int | None = None) -> dict:
+    """:func:`run_bench` for each precision's predictor (``{"fp32": p32, "int8": p8}``) in one run,
+    and the speed-ups over the first one.
+
+    This machine's speed drifts over a minute, so the end-to-end pass is run twice per
+    precision, in the order A B then B A, and averaged (``end_to_end_fps_passes``); the
+    model-only figure is already the mean of a measurement before and after.
+    """
+    order = list(predictors)
+    results = {p: run_bench(pred, pred.card.ref, video, batch_size=batch_size, max_frames=max_frames, rss=rss,
+                            threads=threads) for p, pred in predictors.items()}
+    for p in reversed(order):
+        table = predictors[p].predict_video(video, batch_size=batch_size, max_frames=max_frames)
+        first = results[p]["end_to_end_fps"]
+        second = round(table.n_frames / table.metadata["timings"]["total_s"], 1)
+        results[p]["end_to_end_fps_passes"] = [first, second]
+        results[p]["end_to_end_fps"] = round((first + second) / 2, 1)
+        results[p]["pipeline_efficiency"] = round(results[p]["end_to_end_fps"] / results[p]["model_only_fps"], 3)
+    base = order[0]
+    out = {"precisions": results, "baseline": base, "speedup_end_to_end": {}, "speedup_model_only": {}}
+    for p in order[1:]:
+        out["speedup_end_to_end"][p] = round(results[p]["end_to_end_fps"] / results[base]["end_to_end_fps"], 3)
+        out["speedup_model_only"][p] = round(results[p]["model_only_fps"] / results[base]["model_only_fps"], 3)
+    return out
+
+
+def format_bench_precisions(r: dict) -> str:
+    lines = []
+    for p, one in r["precisions"].items():
+        lines.append(f"[{p}] " + format_bench(one))
+        if "end_to_end_fps_passes" in one:
+            a, b = one["end_to_end_fps_passes"]
+            lines.append(f"  end-to-end passes           {a:8.1f} and {b:.1f} frames/s (order A B, then B A)")
+    base = r["baseline"]
+    for p, x in r["speedup_end_to_end"].items():
+        e2e, e2e_base = r["precisions"][p]["end_to_end_fps"], r["precisions"][base]["end_to_end_fps"]
+        lines.append(f"{p} vs {base}: end to end {e2e:.1f} vs {e2e_base:.1f} frames/s = {x:.2f}x; "
+                     f"model only {r['speedup_model_only'][p]:.2f}x")
+    return "\n".join(lines)
+

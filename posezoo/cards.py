@@ -31,6 +31,11 @@ class InputSpec(_Strict):
     size is fitted: ``letterbox`` keeps the aspect ratio and pads bottom/right,
     ``stretch`` scales each axis independently. Pixel values are divided by
     ``pixel_range`` and then normalised channel-wise: ``(x - mean) / std``.
+
+    ``dtype: uint8`` (INT8 variants, see :mod:`posezoo.quantize`): the graph takes the
+    resized pixels themselves, ``(N, 3, H, W)`` uint8, and normalises them inside (its
+    first ``DequantizeLinear``); ``mean``/``std`` still describe that normalisation and the
+    padding is the pixel value ``mean * pixel_range`` (the normalised zero of ``float32``).
     """
 
     size: tuple[int, int] | Literal["any"] = "any"
@@ -41,6 +46,23 @@ class InputSpec(_Strict):
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     input_name: str = "image"
+    dtype: Literal["float32", "uint8"] = "float32"
+
+    @model_validator(mode="after")
+    def _uint8_padding(self) -> "InputSpec":
+        if self.dtype == "uint8":
+            pads = {m * self.pixel_range for m in self.mean}
+            if len(pads) != 1 or len({s for s in self.std}) != 1:
+                raise ValueError("a uint8 input needs one mean and one std for all channels")
+            pad = pads.pop()
+            if abs(pad - round(pad)) > 1e-6 or not 0 <= round(pad) <= 255:
+                raise ValueError("a uint8 input needs mean * pixel_range to be an integer pixel value")
+        return self
+
+    @property
+    def pad_value(self) -> int:
+        """The uint8 padding pixel (``dtype: uint8``): the normalised zero."""
+        return int(round(self.mean[0] * self.pixel_range))
 
 
 class OutputSpec(_Strict):
@@ -198,6 +220,14 @@ class ModelCard(_Strict):
     training: dict | None = None
     metrics: dict | None = None
     pcutoff: float = Field(0.4, ge=0, le=1)
+    #: numeric precision of the artefact: ``fp32`` (as trained or converted) or ``int8``
+    #: (a static-quantised CPU variant, :mod:`posezoo.quantize`)
+    precision: Literal["fp32", "int8"] = "fp32"
+    #: a variant (``precision`` other than fp32) names the card it was made from,
+    #: ``name@version``; the zoo offers it as that model's ``precision="int8"``
+    variant_of: str | None = None
+    #: how an INT8 variant was made (recipe, calibration frames, command)
+    quantization: dict | None = None
 
     @property
     def ref(self) -> str:
@@ -210,6 +240,8 @@ class ModelCard(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelCard":
+        if (self.precision != "fp32") != (self.variant_of is not None):
+            raise ValueError("a card of precision other than fp32 names the card it is a variant_of (and only it)")
         if self.task == "top_down" and not self.detector:
             raise ValueError("a top_down card must name its detector card")
         if (self.decoder == "simcc") != (self.simcc is not None):

@@ -60,6 +60,11 @@ class InputError(PosezooError, ValueError):
     """An argument or array has the wrong shape, type or value."""
 
 
+class PrecisionError(ZooError, InputError):
+    """An unknown precision, or a model with no variant of the precision asked for (the
+    message names the model and the precisions it has)."""
+
+
 class UnsafeFileError(InputError):
     """A file holds something that would run code when read (e.g. a pickled Python object in
     an h5 table): it is refused, and nothing in it was executed."""

@@ -323,7 +323,8 @@ def _progress(progress, total: int, label: str):
     return None, None
 
 
-def load(model: str = "default", *, device: str = "auto", threads: int | None = None, zoo: Zoo | None = None) -> PosePredictor:
+def load(model: str = "default", *, device: str = "auto", threads: int | None = None, zoo: Zoo | None = None,
+         precision: str = "fp32") -> PosePredictor:
     """Load a zoo model for inference.
 
     Parameters
@@ -335,13 +336,18 @@ def load(model: str = "default", *, device: str = "auto", threads: int | None = 
         ``auto`` uses TensorRT/CUDA when onnxruntime-gpu finds a GPU, else the CPU.
     threads : int, optional
     zoo : Zoo, optional
+    precision : {"fp32", "int8"}
+        ``int8``: the model's static-quantised CPU variant (its own card and artefact,
+        ``posezoo_mouse@1.1.0-int8``; see :mod:`posezoo.quantize`). A model without one, or
+        an unknown precision, raises :class:`~posezoo.errors.PrecisionError` naming the
+        precisions the model has. A ``model`` that names a variant itself is that variant.
 
     Returns
     -------
     PosePredictor, or a :class:`posezoo.topdown.TopDownPredictor` for a ``top_down`` card
     """
     zoo = zoo or default_zoo()
-    resolved: ResolvedModel = zoo.resolve(DEFAULT_MODEL if model == "default" else model)
+    resolved: ResolvedModel = zoo.resolve(DEFAULT_MODEL if model == "default" else model, precision=precision)
     if resolved.card.task == "top_down":  # detector + crops: posezoo.topdown.TopDownPredictor
         from .topdown import load_top_down
 

@@ -167,6 +167,8 @@ def normalise_batch(images: np.ndarray, spec: InputSpec, input_hw: tuple[int, in
     Returns
     -------
     ndarray, shape (n, 3, H, W), float32
+        uint8 pixels, padded with the mean colour, for a ``dtype: uint8`` input (INT8
+        variants normalise inside the graph).
     """
     if images.ndim != 4 or images.shape[3] != 3:
         raise InputError(f"images must have shape (n, h, w, 3), got {images.shape}")
@@ -174,6 +176,10 @@ def normalise_batch(images: np.ndarray, spec: InputSpec, input_hw: tuple[int, in
     H, W = input_hw
     if h > H or w > W:
         raise InputError(f"images of {w}x{h} do not fit the network input {W}x{H}")
+    if spec.dtype == "uint8":
+        pixels = np.full((n, 3, H, W), spec.pad_value, dtype=np.uint8)
+        pixels[:, :, :h, :w] = images.transpose(0, 3, 1, 2)
+        return pixels
     a = (1.0 / (spec.pixel_range * np.asarray(spec.std, dtype=np.float32))).astype(np.float32)
     b = (-np.asarray(spec.mean, dtype=np.float32) / np.asarray(spec.std, dtype=np.float32)).astype(np.float32)
     out = np.zeros((n, 3, H, W), dtype=np.float32)

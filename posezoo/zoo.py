@@ -30,11 +30,15 @@ from .errors import (
     ArtefactNotPublishedError,
     ChecksumMismatchError,
     ModelNotCachedError,
+    PrecisionError,
     UnknownModelError,
     ZooError,
 )
 
 CARD_FILE = "card.yaml"
+#: Precisions a model can be asked for (``precision=`` of :meth:`Zoo.card`, :meth:`Zoo.resolve`,
+#: :func:`posezoo.load`); a card other than fp32 is a variant of an fp32 card (``variant_of``).
+PRECISIONS = ("fp32", "int8")
 _verified: dict[tuple[str, int, int], str] = {}
 _verified_lock = threading.Lock()
 
@@ -89,6 +93,13 @@ def _version_key(v: str):
         return (1, Version(v))
     except InvalidVersion:
         return (0, v)
+
+
+def _card_key(card: ModelCard):
+    """Versions in order, each precision variant right after the version it was made from."""
+    if card.variant_of is None:
+        return (_version_key(card.version), 0, "")
+    return (_version_key(parse_spec(card.variant_of)[1] or card.version), 1, card.precision)
 
 
 @dataclass(frozen=True)
@@ -175,20 +186,27 @@ class Zoo:
         self._cards = None
 
     def cards(self, all_versions: bool = False) -> list[ModelCard]:
-        """Cards sorted by name; the newest version of each unless ``all_versions``."""
+        """Cards sorted by name; the newest version of each unless ``all_versions``.
+
+        Precision variants (INT8 cards, ``variant_of``) are versions of their model only in
+        the ``all_versions`` list: the newest version of a model is always an fp32 card."""
         by_name: dict[str, list[ModelCard]] = {}
         for card, _ in self._load().values():
-            by_name.setdefault(card.name, []).append(card)
+            if card.variant_of is None or all_versions:
+                by_name.setdefault(card.name, []).append(card)
         out = []
         for name in sorted(by_name):
-            versions = sorted(by_name[name], key=lambda c: _version_key(c.version))
+            versions = sorted(by_name[name], key=_card_key)
             out.extend(versions if all_versions else versions[-1:])
         return out
 
     def _aliases(self) -> dict[str, str]:
         return {a.lower(): c.name for c in self.cards() for a in c.aliases}
 
-    def _locate(self, spec: str) -> tuple[ModelCard, Path]:
+    def _locate(self, spec: str, precision: str = "fp32") -> tuple[ModelCard, Path]:
+        return self._with_precision(*self._locate_named(spec), precision)
+
+    def _locate_named(self, spec: str) -> tuple[ModelCard, Path]:
         path = Path(spec)
         if spec.endswith((".yaml", ".yml")) and path.is_file():  # a card file outside any catalog
             return ModelCard.from_yaml(path), path.parent
@@ -206,7 +224,8 @@ class Zoo:
                 f"unknown model {spec!r}{hint} (`posezoo zoo list` shows all {len(names)} names)", close
             )
         if version is None:
-            version = max(versions, key=_version_key)
+            plain = [v for v, (c, _) in versions.items() if c.variant_of is None] or list(versions)
+            version = max(plain, key=_version_key)
         if version not in versions:
             raise UnknownModelError(
                 f"model {name!r} has no version {version!r}; available: {', '.join(sorted(versions, key=_version_key))}",
@@ -214,9 +233,59 @@ class Zoo:
             )
         return versions[version]
 
-    def card(self, spec: str) -> ModelCard:
-        """The card for ``"name[@version]"`` (an alias, or a path to a card file)."""
-        return self._locate(spec)[0]
+    def card(self, spec: str, precision: str = "fp32") -> ModelCard:
+        """The card for ``"name[@version]"`` (an alias, or a path to a card file).
+
+        ``precision="int8"`` is that model's INT8 variant (its own card and artefact, whose
+        ``variant_of`` names the fp32 card). A spec that names a variant itself
+        (``posezoo_mouse@1.1.0-int8`` or its card file) is that variant with the default
+        ``precision="fp32"`` too. :class:`~posezoo.errors.PrecisionError` names the
+        precisions the model has when it has none of the one asked for.
+        """
+        return self._locate(spec, precision)[0]
+
+    def variants(self, card: ModelCard) -> dict[str, tuple[ModelCard, Path]]:
+        """``{precision: (card, card directory)}`` of the model ``card`` (or its base) for
+        each precision the catalog holds; ``fp32`` is the base card itself."""
+        base = self._base(card)
+        out: dict[str, tuple[ModelCard, Path]] = {}
+        for c, d in sorted(self._load().values(), key=lambda e: _version_key(e[0].version)):  # newest last
+            if c.variant_of is not None and parse_spec(c.variant_of) == (base[0].name, base[0].version):
+                out[c.precision] = (c, d)  # the newest variant of a precision wins
+        return {"fp32": base, **{p: out[p] for p in PRECISIONS if p in out and p != "fp32"}}
+
+    def precisions(self, spec_or_card: str | ModelCard) -> list[str]:
+        """The precisions the catalog has for a model (``["fp32", "int8"]``)."""
+        card = spec_or_card if isinstance(spec_or_card, ModelCard) else self._locate_named(spec_or_card)[0]
+        return list(self.variants(card))
+
+    def _base(self, card: ModelCard) -> tuple[ModelCard, Path]:
+        if card.variant_of is None:
+            entry = self._load().get((card.name, card.version))
+            return entry if entry is not None and entry[0] == card else (card, Path("."))
+        name, version = parse_spec(card.variant_of)
+        entry = self._load().get((name, version or ""))
+        if entry is None:
+            raise UnknownModelError(f"{card.ref} is a variant of {card.variant_of}, which this catalog does not hold",
+                                    [card.variant_of])
+        return entry
+
+    def _with_precision(self, card: ModelCard, card_dir: Path, precision: str) -> tuple[ModelCard, Path]:
+        wanted = str(precision or "fp32").strip().lower()
+        if wanted not in PRECISIONS:
+            raise PrecisionError(f"unknown precision {precision!r} for {card.ref}: use one of {', '.join(PRECISIONS)}")
+        if card.precision == wanted:
+            return card, card_dir
+        if card.variant_of is not None and wanted == "fp32":  # a named variant is itself
+            return card, card_dir
+        variants = self.variants(card)
+        if wanted in variants:
+            return variants[wanted]
+        base = variants["fp32"][0]
+        having = sorted({c.name for c, _ in self._load().values() if c.precision == wanted})
+        hint = f"; models with {wanted}: {', '.join(having)}" if having else ""
+        raise PrecisionError(f"model {base.ref} has no {wanted} variant; its precisions: "
+                             f"{', '.join(variants)}{hint}")
 
     @property
     def converted_dir(self) -> Path:
@@ -310,15 +379,16 @@ class Zoo:
             self.refresh()
             return [self.resolve(s) for s in specs]
 
-    def resolve(self, spec: str) -> ResolvedModel:
-        """A verified local ONNX path for ``"name[@version]"``.
+    def resolve(self, spec: str, precision: str = "fp32") -> ResolvedModel:
+        """A verified local ONNX path for ``"name[@version]"`` (its ``precision`` variant,
+        see :meth:`card`).
 
         Raises
         ------
-        UnknownModelError, ArtefactNotPublishedError, ModelNotCachedError,
+        UnknownModelError, PrecisionError, ArtefactNotPublishedError, ModelNotCachedError,
         ChecksumMismatchError, ZooError
         """
-        card, card_dir = self._locate(spec)
+        card, card_dir = self._locate(spec, precision)
         art = card.artefact
         if not art.published:
             src = ""
