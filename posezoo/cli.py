@@ -165,8 +165,7 @@ def _predict_cmd(args) -> int:
               f"({card.view} view, {card.n_keypoints} keypoints, {card.speed or '?'})", file=sys.stderr)
     elif args.view:
         raise InputError("--view goes with --species")
-    precision = {"precision": args.precision} if args.precision != "fp32" else {}
-    predictor = load(model, device=args.device, threads=args.threads, **precision)
+    predictor = load(model, device=args.device, threads=args.threads, precision=args.precision)
     failures = 0
     for video in videos:
         out = Path(args.out) if args.out else video.parent

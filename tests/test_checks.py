@@ -21,11 +21,11 @@ def bounds():
     return body_length_bounds(lengths)
 
 
-@pytest.fixture(scope="module")
-def video_table(openfield_video):
+@pytest.fixture(scope="module", params=["fp32", "int8"])
+def video_table(openfield_video, request):
     import posezoo
 
-    predictor = posezoo.load("posezoo_mouse", device="cpu")
+    predictor = posezoo.load("posezoo_mouse", device="cpu", precision=request.param)
     return predictor, predictor.predict_video(openfield_video, batch_size=32)
 
 
@@ -36,7 +36,7 @@ def test_bundled_mouse_model_has_no_head_tail_confusion_on_the_real_video(video_
                              pcutoff=predictor.card.pcutoff, ears=EARS)
     print(f"\n{predictor.card.ref}: {report.n_checked}/{report.n_frames} frames checked, snout-tailbase "
           f"p1/p50/p99 {np.round(report.length_px, 1).tolist()} px within {np.round(bounds, 1).tolist()}")
-    assert report.n_checked > 0.9 * OPENFIELD_FRAMES  # measured: 2219
+    assert report.n_checked > 0.9 * OPENFIELD_FRAMES  # measured: 2219 (fp32)
     assert report.ok, (report.bad_length[:20], report.turned[:20], report.head_behind_ears[:20])
 
 
