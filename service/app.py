@@ -137,7 +137,7 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
     async def _posezoo_error(request: Request, exc: PosezooError):
         status, code = error_code(exc)
         headers = {}
-        if isinstance(exc, QueueFullError):
+        if isinstance(exc, QueueFullError) or getattr(exc, "retry_after", None):  # 429, or 503 store unavailable
             headers["Retry-After"] = str(exc.retry_after)
         if isinstance(exc, AuthError):
             headers["WWW-Authenticate"] = "Bearer"
@@ -215,12 +215,12 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
                 raise UploadError('the JSON body must be an object: {"source": "s3://bucket/key", ...}', 400,
                                   "bad_request")
             req = JobRequest.model_validate({**query, **doc})
-            res = m.reserve(who)
+            res = await run_in_threadpool(m.reserve, who)
             try:
                 rec = await run_in_threadpool(m.submit_uri, res, JobOptions(**req.model_dump(exclude={"source"})),
                                               req.source)
             except BaseException:
-                m.release(res)
+                await run_in_threadpool(m.release, res)
                 raise
             return _accepted(rec)
 
@@ -232,10 +232,10 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
         check_declared_length(request.headers, limit + (MULTIPART_SLACK if multipart else 0))
         options = JobOptions(**query)
         await run_in_threadpool(m.check_model, options.model, who, options)  # refused before the body is read
-        res = m.reserve(who)  # 429 before a byte of the body is read
+        res = await run_in_threadpool(m.reserve, who)  # 429 before a byte of the body is read
         try:
             dest = m.upload_path(res, filename)
-            m.begin_upload(res, options, options.model or m.settings.model_default)
+            await run_in_threadpool(m.begin_upload, res, options, options.model or m.settings.model_default)
             fields, name, nbytes = await _receive_body(
                 request, m, dest, limit, multipart, filename=filename, file_fields=("video", "file"),
                 missing="no video in the form: send it as the file field 'video'")
@@ -430,10 +430,11 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
         limit = m.settings.max_finetune_bytes
         check_declared_length(request.headers, limit + (MULTIPART_SLACK if multipart else 0))
         options = FinetuneOptions(**query)
-        res = m.reserve(who, kind="finetune")  # 429 before a byte of the body is read
+        res = await run_in_threadpool(m.reserve, who, "finetune")  # 429 before a byte of the body is read
         try:
             dest = m.finetune_upload_path(res)
-            m.begin_upload(res, JobOptions(), options.base_model or m.settings.model_default, options)
+            await run_in_threadpool(m.begin_upload, res, JobOptions(), options.base_model or m.settings.model_default,
+                                    options)
             fields, name_, nbytes = await _receive_body(
                 request, m, dest, limit, multipart, filename=filename, file_fields=("data", "file", "zip"),
                 missing="no zip in the form: send it as the file field 'data'")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -79,6 +79,12 @@ class ServiceSettings(BaseSettings):
     s3_public_endpoint: str | None = Field(None, description="endpoint written into presigned URLs (default: s3_endpoint)")
     presign_expiry_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
     input_buckets: list[str] | None = Field(None, description="if set, only these buckets are accepted as s3:// sources")
+    database_url: str | None = Field(None, description="postgresql://...: share jobs with other replicas (needs "
+                                                       "results_s3_uri); default: a SQLite file in data_dir")
+    replica_id: str | None = Field(None, max_length=60, description="this replica's name in job records "
+                                                                    "(default: host name and pid)")
+    lease_s: float = Field(30.0, ge=2, le=3600, description="with database_url: a running job's lease; a replica "
+                                                            "silent this long loses its jobs to the others")
 
     # -- jobs -------------------------------------------------------------------------------
     workers: int = Field(1, ge=1, le=64, description="jobs running at once")
@@ -149,6 +155,20 @@ class ServiceSettings(BaseSettings):
             raise ValueError("results_s3_uri must look like s3://bucket/prefix")
         return v or None
 
+    @field_validator("database_url")
+    @classmethod
+    def _pg_url(cls, v: str | None) -> str | None:
+        if v and not v.startswith(("postgresql://", "postgres://")):
+            raise ValueError("database_url must look like postgresql://user@host:5432/dbname")
+        return v or None
+
+    @model_validator(mode="after")
+    def _shared_bytes(self) -> "ServiceSettings":
+        if self.database_url and not self.results_s3_uri:
+            raise ValueError("database_url needs results_s3_uri: replicas share uploads, results and fine-tuned "
+                             "models through S3")
+        return self
+
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
         return init_settings, env_settings, _FileSource(settings_cls)
@@ -157,6 +177,13 @@ class ServiceSettings(BaseSettings):
     @property
     def resolved_s3_endpoint(self) -> str | None:
         return self.s3_endpoint or os.environ.get("POSEZOO_S3_ENDPOINT") or None
+
+    @property
+    def replica(self) -> str:
+        """This replica's name: ``REPLICA_ID`` or ``<host>:<pid>``."""
+        import socket
+
+        return self.replica_id or f"{socket.gethostname()}:{os.getpid()}"
 
     @property
     def model_default(self) -> str:
@@ -194,7 +221,9 @@ def load_settings(**overrides) -> ServiceSettings:
         return ServiceSettings(**overrides)
     except ValidationError as exc:
         first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"]) or "settings"
+        loc = ".".join(str(p) for p in first["loc"])
+        if not loc:  # a rule over several settings
+            raise PosezooError(f"invalid service settings: {first['msg'].removeprefix('Value error, ')}") from exc
         raise PosezooError(f"invalid service setting {loc} ({ENV_PREFIX}{loc.upper()}): {first['msg']}") from exc
 
 

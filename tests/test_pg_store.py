@@ -341,3 +341,53 @@ def test_outage_raises_store_unavailable_then_recovers(pg_server, pg_url):  # no
     pg_server.restart()
     assert [r.id for r in s.list()] == ["job002", "job001"]
     s.close()
+
+
+# -- what the replicas' managers use ----------------------------------------------------------
+def _admit_many(url: str, replica: str, start_at: float, n: int) -> int:
+    s = PgJobStore(url, replica)
+    time.sleep(max(0.0, start_at - time.time()))
+    admitted = 0
+    for i in range(n):
+        rec = JobRecord(id=f"{replica}-{i}", owner="alice", status="uploading", options=JobOptions(), model="m")
+        admitted += s.admit(rec, waiting_limit=7, owner_limit=100)[0]
+    s.close()
+    return admitted
+
+
+def test_admission_is_global_and_atomic(pg, pg_url):
+    # four processes race to admit 5 each into a cluster-wide queue of 7: exactly 7 get in
+    got = run_processes(_admit_many, [(pg_url, f"r{i}", time.time() + 1.0, 5) for i in range(4)])
+    assert sum(got) == 7 and pg.count(["uploading"]) == 7
+    ok, why, n = pg.admit(job(50, status="uploading"), waiting_limit=100, owner_limit=7)
+    assert (ok, why, n) == (False, "key_share", 7)  # alice holds 7 active jobs across the replicas
+    ok, why, n = pg.admit(job(51, owner="bob", status="uploading"), waiting_limit=7, owner_limit=7)
+    assert (ok, why, n) == (False, "queue_full", 7)
+    assert pg.admit(job(52, owner="bob", status="uploading"), waiting_limit=8, owner_limit=7)[0]
+    assert pg.holder("job052").claimed_by == "replica-a"  # the receiving replica keeps it alive
+
+
+def test_cancel_heartbeat_and_abandoned_uploads(pg, pg_url):
+    b = PgJobStore(pg_url, "replica-b")
+    pg.put(job(1))
+    pg.put(job(2))
+    assert b.cancel("job001") == "cancelled"  # queued: at once, by any replica
+    rec = pg.get("job001")
+    assert rec.status == "cancelled" and rec.error["error"] == "cancelled" and rec.finished_at
+    running = pg.claim(lease_s=30)
+    assert running.id == "job002" and running.replica == "replica-a"
+    assert b.cancel("job002") == "requested" and pg.get("job002").status == "running"
+    held, cancel = pg.heartbeat(["job002"], [], 30)
+    assert held == {"job002"} and cancel == {"job002"}
+    assert b.heartbeat(["job002"], [], 30) == (set(), set())  # b holds nothing
+    assert b.cancel("job001") is None and b.cancel("missing") is None
+    # an upload whose replica stopped marking it alive is failed; a live one is kept
+    assert pg.admit(job(3, status="uploading"), waiting_limit=10, owner_limit=10)[0]
+    assert b.admit(job(4, status="uploading"), waiting_limit=10, owner_limit=10)[0]
+    time.sleep(1.2)
+    pg.heartbeat([], ["job003"], 30)
+    assert pg.expire_uploads(1.0, "the replica receiving the upload stopped") == ["job004"]
+    gone = pg.get("job004")
+    assert gone.status == "failed" and gone.error["detail"] == "the replica receiving the upload stopped"
+    assert pg.get("job003").status == "uploading"
+    b.close()

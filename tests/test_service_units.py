@@ -266,3 +266,41 @@ def test_pixel_budget_lets_one_oversized_request_through_alone():
     assert b.acquire(500, timeout=2)  # waits for the first, then takes the whole budget
     b.release(500)
     assert b.used == 0
+
+
+def test_database_url_needs_shared_storage():
+    from posezoo.errors import PosezooError
+    from service.config import load_settings
+
+    with pytest.raises(PosezooError, match="database_url needs results_s3_uri"):
+        load_settings(database_url="postgresql://posezoo@db:5432/posezoo")
+    with pytest.raises(PosezooError, match="DATABASE_URL"):
+        load_settings(database_url="mysql://db/posezoo", results_s3_uri="s3://b/p")
+    s = load_settings(database_url="postgresql://posezoo@db:5432/posezoo", results_s3_uri="s3://b/p",
+                      replica_id="a")
+    assert s.replica == "a" and s.lease_s == 30
+
+
+def test_the_bento_holds_the_whole_service(tmp_path):
+    """`bentoml build` packs every module the service imports (service/jobs moved out of posezoo/
+    once; a bento without it starts nowhere), and no benchmark or test."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "True"}
+    r = subprocess.run([sys.executable, "-m", "bentoml", "build", "-o", "tag"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (src,) = (tmp_path / "home" / "bentos" / "posezoo").glob("*/src")
+    packed = {p.relative_to(src).as_posix() for p in src.rglob("*.py")}
+    wanted = {p.relative_to(REPO).as_posix() for d in ("service", "posezoo") for p in (REPO / d).rglob("*.py")
+              if not p.name.startswith("bench_")}
+    assert wanted <= packed, sorted(wanted - packed)
+    assert not any(p.startswith("tests/") or "/bench_" in p for p in packed)
+    # the packed service imports from the bento's own copy
+    r = subprocess.run([sys.executable, "-c", "import service.jobs.cluster, service.jobs.pg_store, service.app"],
+                       cwd=src, env={**env, "PYTHONPATH": str(src)}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -354,7 +354,7 @@ def run_job(m, rec: JobRecord, work: Path, tracker) -> dict[str, ResultFile]:
     from posezoo.cards import ModelCard
 
     opts = rec.finetune or FinetuneOptions()
-    root = Path(rec.input_path or "")
+    root = m.job_input(rec, work)
     if not root.is_dir():
         raise InputError("the uploaded labelled data is missing on the server; upload it again")
     tracker.stage("validating")
@@ -407,6 +407,8 @@ def run_job(m, rec: JobRecord, work: Path, tracker) -> dict[str, ResultFile]:
     prog.stage, prog.fraction = "registering", 0.97
     tracker._save(force=True)
     card_path = publish(Path(done["card_dir"]), m.owner_catalog(rec.owner))
+    if m.shared is not None:  # the other replicas' zoos for this key see it too
+        m.shared.push_card(owner_slug(rec.owner), card_path)
     m.forget_owner_zoo(rec.owner)
     final = ModelCard.from_yaml(card_path)
     rec.output_model = final.ref

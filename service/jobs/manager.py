@@ -12,6 +12,12 @@ Layout of ``settings.data_dir``::
     work/<job>/            scratch space of a running job (always removed at its end)
     results/<job>/         results of finished jobs (unless they go to S3)
     catalogs/<key>/        models fine-tuned by an API key (service.jobs.finetune), seen by that key only
+
+With ``DATABASE_URL`` (several replicas, see :mod:`service.jobs.cluster`) the records live in
+PostgreSQL, workers *claim* queued jobs under a lease instead of taking them from this
+process's queue, every write of a running job is fenced (it lands only while this replica
+still holds the job), queue limits count every replica's jobs, and uploads, results and
+fine-tuned cards live in S3; the data directory only holds scratch space and caches.
 """
 
 from __future__ import annotations
@@ -210,9 +216,22 @@ class JobManager:
         for d in (self.uploads, self.work):
             d.mkdir(parents=True, exist_ok=True)
         self._lockfile = _lock_data_dir(self.root)
-        from .store import JobStore
+        self.replica = settings.replica
+        #: several replicas share a PostgreSQL store (and S3) instead of this process's SQLite file
+        self.clustered = settings.database_url is not None
+        if self.clustered:
+            from .pg_store import PgJobStore
 
-        self.store = JobStore(self.root / "jobs.sqlite")
+            try:
+                self.store = PgJobStore(settings.database_url, self.replica, max_attempts=settings.max_attempts,
+                                        retry_after=settings.retry_after_s)
+            except BaseException:
+                self._lockfile.close()
+                raise
+        else:
+            from .store import JobStore
+
+            self.store = JobStore(self.root / "jobs.sqlite")
         self.zoo = zoo or Zoo(s3_endpoint=settings.resolved_s3_endpoint)
         self._s3 = None
         self._s3_lock = threading.Lock()
@@ -245,6 +264,17 @@ class JobManager:
         self._predictor_locks: dict[str, threading.Lock] = {}
         self._ready = False
         self._metrics = _Metrics()
+        # clustered mode: the uploads this replica is receiving, the jobs it lost to another
+        # replica, a wake-up for idle claimers, the heartbeat thread and the shared S3 files
+        self._uploading: set[str] = set()
+        self._lost: set[str] = set()
+        self._wake = {"video": threading.Event(), "finetune": threading.Event()}
+        self._keeper = None
+        self.shared = None
+        if self.clustered:
+            from .cluster import SharedFiles
+
+            self.shared = SharedFiles(self.s3, settings.results_s3_uri)
 
     # -- lifecycle --------------------------------------------------------------------------
     @property
@@ -256,30 +286,36 @@ class JobManager:
 
     def start(self, warm: bool = True) -> "JobManager":
         self.sources.s3 = self.s3
-        self._recover()
-        for i in range(self.settings.workers):
-            t = threading.Thread(target=self._worker, name=f"posezoo-job-{i}", daemon=True)
+        if self.clustered:
+            self._start_cluster()
+        else:
+            self._recover()
+            for i in range(self.settings.workers):
+                t = threading.Thread(target=self._worker, name=f"posezoo-job-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
+            # Training gets one worker of its own: a run takes the machine's cores for minutes, so it must
+            # neither hold a video worker (and stall predictions behind it) nor run beside another run.
+            t = threading.Thread(target=self._worker, args=(self._ft_queue, "finetune"), name="posezoo-finetune",
+                                 daemon=True)
             t.start()
             self._threads.append(t)
-        # Training gets one worker of its own: a run takes the machine's cores for minutes, so it must
-        # neither hold a video worker (and stall predictions behind it) nor run beside another run.
-        t = threading.Thread(target=self._worker, args=(self._ft_queue, "finetune"), name="posezoo-finetune",
-                             daemon=True)
-        t.start()
-        self._threads.append(t)
         if warm:
             try:
                 self.predictor(self.settings.model_default)
             except PosezooError as exc:
                 log.warning("default model %s cannot be loaded: %s", self.settings.model_default, exc)
         self._ready = True
-        log.info("posezoo job manager ready: %s", {k: v for k, v in self.settings.public_dict().items()
-                                                   if k in ("data_dir", "workers", "queue_size", "results_s3_uri")})
+        log.info("posezoo job manager ready (replica %s, %s store): %s", self.replica,
+                 "PostgreSQL" if self.clustered else "SQLite",
+                 {k: v for k, v in self.settings.public_dict().items()
+                  if k in ("data_dir", "workers", "queue_size", "results_s3_uri")})
         return self
 
     @property
     def ready(self) -> bool:
-        return self._ready and all(t.is_alive() for t in self._threads)
+        return self._ready and all(t.is_alive() for t in self._threads) and (
+            self._keeper is None or self._keeper.alive)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Interrupt running jobs (they run again at the next start) and stop the workers."""
@@ -289,10 +325,148 @@ class JobManager:
         for _ in self._threads:
             self._queue.put(None)
             self._ft_queue.put(None)
+        for ev in self._wake.values():
+            ev.set()
         for t in self._threads:
             t.join(timeout)
+        if self._keeper is not None:
+            self._keeper.stop()
         self._ready = False
         self._lockfile.close()
+
+    # -- clustered mode (DATABASE_URL) -------------------------------------------------------
+    def _start_cluster(self) -> None:
+        """Workers that claim jobs from the shared store, and the lease keeper. Nothing to
+        recover: a job this replica ran before a crash is taken over when its lease ends
+        (by any replica, this one included)."""
+        from .cluster import LeaseKeeper
+
+        for d in (self.work, self.uploads):  # scratch and half-received uploads of a previous run
+            for sub in d.iterdir():
+                shutil.rmtree(sub, ignore_errors=True)
+        for i in range(self.settings.workers):
+            t = threading.Thread(target=self._claim_loop, args=("video",), name=f"posezoo-job-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        if self.finetune_unavailable() is None:  # a replica without PyTorch leaves training to the others
+            t = threading.Thread(target=self._claim_loop, args=("finetune",), name="posezoo-finetune", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+        def running() -> list[str]:
+            with self._lock:
+                return [j for j, r in self._live.items() if r.status == "running" and j not in self._lost]
+
+        def uploading() -> list[str]:
+            with self._lock:
+                return list(self._uploading)
+
+        self._keeper = LeaseKeeper(self.store, self.settings.lease_s, running, uploading, self._on_lost,
+                                   self._on_cancel, self._on_expired_uploads).start()
+
+    def _claim_loop(self, kind: str) -> None:
+        """One worker of a replica: claim the oldest job of ``kind`` from the shared store, run
+        it, repeat; when there is none, wait (a local submit wakes it at once)."""
+        from .pg_store import StoreUnavailable
+
+        wake = self._wake[kind]
+        idle_s = 0.5 if kind == "video" else 2.0
+        while not self._stopping.is_set():
+            try:
+                rec = self.store.claim([kind], lease_s=self.settings.lease_s)
+            except StoreUnavailable:
+                self._stopping.wait(2.0)
+                continue
+            except Exception:  # never let a worker thread die
+                log.error("claiming a %s job failed", kind, exc_info=True)
+                self._stopping.wait(2.0)
+                continue
+            if rec is None:
+                wake.wait(idle_s)
+                wake.clear()
+                continue
+            if self._stopping.is_set():  # claimed while shutting down: give it back at once
+                rec.status, rec.progress = "queued", Progress(stage="queued")
+                self._save(rec, must=True)
+                return
+            with self._lock:
+                self._live[rec.id] = rec
+                self._cancel[rec.id] = threading.Event()
+            log.info("job %s claimed by %s (attempt %d)", rec.id, self.replica, rec.attempts)
+            try:
+                self._run(rec.id)
+            except BaseException:
+                log.error("job %s: unexpected error in the worker", rec.id, exc_info=True)
+            finally:
+                with self._lock:
+                    self._live.pop(rec.id, None)
+                    self._cancel.pop(rec.id, None)
+                    self._secret_uris.pop(rec.id, None)
+                    self._lost.discard(rec.id)
+
+    def _on_lost(self, job_id: str) -> None:
+        """Another replica holds the job now (this one missed its lease): stop, write nothing."""
+        with self._lock:
+            if job_id not in self._live:
+                return
+            self._lost.add(job_id)
+            ev = self._cancel.get(job_id)
+        log.warning("job %s: another replica took it over; stopping it here", job_id)
+        if ev is not None:
+            ev.set()
+
+    def _on_cancel(self, job_id: str) -> None:
+        with self._lock:
+            ev = self._cancel.get(job_id)
+        if ev is not None:
+            ev.set()
+
+    def _on_expired_uploads(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            self.shared.delete_inputs(job_id)
+
+    def _save(self, rec: JobRecord, *, must: bool = False) -> bool:
+        """Write a job's record. Clustered, a running job's write is fenced: False (nothing
+        written) once another replica holds it. ``must``: a status change that may not be
+        lost, retried while the database is unreachable (progress updates are skipped then)."""
+        if not self.clustered:
+            self.store.put(rec)
+            return True
+        from .pg_store import StoreUnavailable
+
+        with self._lock:
+            if rec.id in self._lost:
+                return False
+            held = rec.id in self._live
+        delay = 1.0
+        deadline = time.monotonic() + max(600.0, 10 * self.settings.lease_s)
+        while True:
+            try:
+                if not held:
+                    return self.store.put(rec)
+                if self.store.fenced_put(rec):
+                    return True
+                self._on_lost(rec.id)
+                return False
+            except StoreUnavailable:
+                if not must or time.monotonic() > deadline:
+                    if must:
+                        log.error("job %s: could not record its status %s: the job database stayed unavailable",
+                                  rec.id, rec.status)
+                    return False
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def job_input(self, rec: JobRecord, work: Path) -> Path:
+        """The local path of an uploaded job's input (a video, or a fine-tune data folder):
+        where the upload lies, or, clustered, a copy from S3 in the job's scratch folder."""
+        if rec.input_path and rec.input_path.startswith("s3://") and self.shared is not None:
+            try:
+                return self.shared.fetch_input(rec.input_path, work / "input")
+            except Exception as exc:
+                raise VideoError(f"the uploaded input is missing from the shared storage ({type(exc).__name__}); "
+                                 "upload it again") from None
+        return Path(rec.input_path or "")
 
     def _recover(self) -> None:
         """Jobs left active by a crash or restart: resume them, or fail them with a reason."""
@@ -358,8 +532,21 @@ class JobManager:
 
         return self.catalogs / owner_slug(owner)
 
+    def _pull_owner_cards(self, owner: str | None) -> None:
+        """Clustered: models other replicas fine-tuned for ``owner`` (their cards, from S3)."""
+        if self.shared is None or owner is None:
+            return
+        from .finetune import owner_slug
+
+        try:
+            if self.shared.pull_cards(owner_slug(owner), self.owner_catalog(owner)):
+                self.forget_owner_zoo(owner)
+        except Exception as exc:  # S3 trouble: the key sees the models this replica knows
+            log.warning("could not read the shared model catalog of %s: %s", owner, exc)
+
     def zoo_for(self, owner: str | None):
         """The zoo a key sees: its own fine-tuned models first, then the server's."""
+        self._pull_owner_cards(owner)
         if owner is None or not self.owner_catalog(owner).is_dir():
             return self.zoo
         from posezoo.zoo import Zoo
@@ -440,6 +627,7 @@ class JobManager:
 
         out = []
         own = set()
+        self._pull_owner_cards(owner)
         if owner is not None and self.owner_catalog(owner).is_dir():
             from posezoo.zoo import Zoo
 
@@ -486,6 +674,8 @@ class JobManager:
         and a job id."""
         if self._stopping.is_set():
             raise QueueFullError("the server is shutting down", self.settings.retry_after_s)
+        if self.clustered:
+            return self._reserve_shared(owner, kind)
         with self._lock:
             if kind == "finetune":
                 if self._ft_active >= 1 + self.settings.finetune_queue_size:
@@ -510,6 +700,35 @@ class JobManager:
             self._per_owner[owner] += 1
         return Reservation(uuid.uuid4().hex, owner)
 
+    def _reserve_shared(self, owner: str, kind: str) -> Reservation:
+        """Clustered admission: the limits count the jobs of every replica. The slot is an
+        ``uploading`` record (its id is the job's), kept alive by this replica's heartbeat and
+        failed by any replica if this one dies mid-upload."""
+        s = self.settings
+        res = Reservation(uuid.uuid4().hex, owner, kind=kind)
+        placeholder = JobRecord(id=res.job_id, owner=owner, kind=kind, status="uploading",  # type: ignore[arg-type]
+                                options=JobOptions(), model="", source={"kind": "upload"},
+                                progress=Progress(stage="uploading"))
+        if kind == "finetune":
+            ok, why, n = self.store.admit(placeholder, waiting_limit=1 + s.finetune_queue_size, owner_limit=1 << 30,
+                                          kinds=["finetune"])
+        else:
+            ok, why, n = self.store.admit(placeholder, waiting_limit=s.workers + s.queue_size,
+                                          owner_limit=s.key_share, kinds=["video"])
+        if not ok:
+            self._metrics.rejected.labels(why or "queue_full").inc()
+            if why == "key_share":
+                raise QueueFullError(
+                    f"this API key already has {n} job(s) uploading, queued or running on this service, its share "
+                    f"of the queue ({s.key_share}); try again when one has finished", s.retry_after_s)
+            what = "fine-tune" if kind == "finetune" else "video"
+            raise QueueFullError(f"the queue is full: {n} {what} job(s) are waiting (uploading or queued) across the "
+                                 f"service's replicas; try again in {s.retry_after_s} s",
+                                 max(s.retry_after_s, 30) if kind == "finetune" else s.retry_after_s)
+        with self._lock:
+            self._uploading.add(res.job_id)
+        return res
+
     def _load_line(self) -> str:
         """What fills the queue, for a 429 (called with ``_lock`` held)."""
         video = [r for r in self._live.values() if r.kind != "finetune"]
@@ -524,6 +743,14 @@ class JobManager:
         if res.released:
             return
         res.released = True
+        if self.clustered:
+            with self._lock:
+                self._uploading.discard(res.job_id)
+            self._cleanup_inputs(res.job_id)
+            rec = self.store.get(res.job_id)
+            if rec is not None and rec.status == "uploading":
+                self.store.delete(res.job_id)
+            return
         with self._lock:
             if res.kind == "finetune":
                 self._ft_active -= 1
@@ -642,12 +869,30 @@ class JobManager:
     def _enqueue(self, res: Reservation, rec: JobRecord) -> JobRecord:
         rec.status = "queued"
         rec.progress.stage = "queued"
+        if self.clustered:
+            return self._enqueue_shared(res, rec)
         self.store.put(rec)
         with self._lock:
             res.released = True  # the slot now belongs to the queued job
             self._live[rec.id] = rec
             self._cancel[rec.id] = threading.Event()
         (self._ft_queue if rec.kind == "finetune" else self._queue).put(rec.id)
+        self._metrics.submitted.labels("finetune" if rec.kind == "finetune" else rec.source.get("kind", "?")).inc()
+        log.info("job %s queued (owner %s, model %s, source %s)", rec.id, rec.owner, rec.model, rec.source.get("kind"))
+        return rec
+
+    def _enqueue_shared(self, res: Reservation, rec: JobRecord) -> JobRecord:
+        """Clustered: the input goes to S3 (any replica may run the job), then the record
+        becomes ``queued`` and some replica's worker claims it."""
+        if rec.input_path and not rec.input_path.startswith("s3://"):
+            local = Path(rec.input_path)
+            rec.input_path = self.shared.put_input(rec.id, local)
+            self._cleanup_inputs_local(rec.id)
+        self.store.put(rec)
+        with self._lock:
+            res.released = True  # the slot now belongs to the queued job
+            self._uploading.discard(res.job_id)
+        self._wake["finetune" if rec.kind == "finetune" else "video"].set()
         self._metrics.submitted.labels("finetune" if rec.kind == "finetune" else rec.source.get("kind", "?")).inc()
         log.info("job %s queued (owner %s, model %s, source %s)", rec.id, rec.owner, rec.model, rec.source.get("kind"))
         return rec
@@ -678,6 +923,12 @@ class JobManager:
             self.store.delete(rec.id)
             rec.notes.append("deleted")
             return rec
+        if self.clustered:  # whichever replica holds it: queued ones end now, running ones at their next heartbeat
+            if self.store.cancel(job_id) == "cancelled":
+                self._cleanup_inputs(job_id)
+                self._metrics.finished.labels("cancelled").inc()
+            self._on_cancel(job_id)  # held here: at once
+            return self.get(job_id, owner)
         with self._lock:
             ev = self._cancel.get(job_id)
             live = self._live.get(job_id)
@@ -710,7 +961,8 @@ class JobManager:
             queued = sum(1 for r in video if r.status == "queued")
             ft_running = sum(1 for r in ft if r.status == "running")
             ft_queued = sum(1 for r in ft if r.status == "queued")
-            return {"workers": self.settings.workers, "queue_size": self.settings.queue_size,
+            return {"replica": self.replica, "store": "postgresql" if self.clustered else "sqlite",
+                    "workers": self.settings.workers, "queue_size": self.settings.queue_size,
                     "running": running, "queued": queued, "reserved": self._active - running - queued,
                     "finetune": {"workers": 1, "queue_size": self.settings.finetune_queue_size,
                                  "running": ft_running, "queued": ft_queued}}
@@ -810,9 +1062,11 @@ class JobManager:
         work = self.work / job_id
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        rec.status, rec.started_at, rec.attempts = "running", time.time(), rec.attempts + 1
+        if not self.clustered:  # clustered, the claim made it running (with the attempt and the replica)
+            rec.status, rec.started_at, rec.attempts = "running", time.time(), rec.attempts + 1
+            rec.replica = self.replica
         rec.error = None
-        self.store.put(rec)
+        self._save(rec)
         tracker = _Tracker(self, rec, cancel)
         keep_input = False
         try:
@@ -825,11 +1079,15 @@ class JobManager:
             rec.results = results
             self._finish(rec, "succeeded", None)
         except _Interrupted:
-            if self._stopping.is_set():
+            if job_id in self._lost:  # another replica runs it now: its input and record are not ours
+                keep_input = True
+            elif self._stopping.is_set():
                 rec.status = "queued"
                 rec.progress = Progress(stage="queued")
-                rec.notes.append("interrupted by a server shutdown; it runs again at the next start")
-                self.store.put(rec)
+                rec.notes.append("interrupted by a server shutdown; it runs again at the next start" if not
+                                 self.clustered else f"interrupted by the shutdown of replica {self.replica}; "
+                                                     "another replica runs it")
+                self._save(rec, must=True)
                 keep_input = True
             else:
                 self._finish(rec, "cancelled", {"error": "cancelled", "detail": "cancelled by the user"})
@@ -843,7 +1101,7 @@ class JobManager:
                                          "detail": f"internal error ({detail}); the server log has the details"})
         finally:
             shutil.rmtree(work, ignore_errors=True)
-            if not keep_input:
+            if not keep_input and job_id not in self._lost:
                 self._cleanup_inputs(job_id)
 
     def _public_metadata(self, meta: dict, rec: JobRecord, video: Path) -> dict:
@@ -882,13 +1140,20 @@ class JobManager:
             rec.progress.stage, rec.progress.fraction, rec.progress.eta_s = "done", 1.0, 0.0
         else:
             rec.progress.eta_s = None
-        self.store.put(rec)
+        if not self._save(rec, must=True):
+            log.warning("job %s: its end (%s) was not recorded here: another replica holds it", rec.id, status)
+            return
         self._metrics.finished.labels(status).inc()
         if rec.started_at and rec.kind != "finetune":
             self._metrics.duration.observe(rec.finished_at - rec.started_at)
         log.info("job %s %s%s", rec.id, status, f": {error['detail']}" if error else "")
 
     def _cleanup_inputs(self, job_id: str) -> None:
+        self._cleanup_inputs_local(job_id)
+        if self.shared is not None:
+            self.shared.delete_inputs(job_id)
+
+    def _cleanup_inputs_local(self, job_id: str) -> None:
         shutil.rmtree(self.uploads / job_id, ignore_errors=True)
 
     def _pipeline(self, rec: JobRecord, work: Path, tracker: "_Tracker") -> dict[str, ResultFile]:
@@ -898,7 +1163,7 @@ class JobManager:
         opts = rec.options
         src = rec.source
         if src["kind"] == "upload":
-            video = Path(rec.input_path or "")
+            video = self.job_input(rec, work)
             if not video.is_file():
                 raise VideoError("the uploaded video is missing on the server")
         else:
@@ -1116,7 +1381,7 @@ class _Tracker:
         now = time.monotonic()
         if force or now - self.last_save >= 1.0:
             self.last_save = now
-            self.m.store.put(self.rec)
+            self.m._save(self.rec)
 
 
 class _Series:

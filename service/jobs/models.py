@@ -170,6 +170,7 @@ class JobRecord(BaseModel):
     results: dict[str, ResultFile] = Field(default_factory=dict)
     error: dict[str, str] | None = None
     attempts: int = 0
+    replica: str | None = Field(None, description="the replica that ran it last (REPLICA_ID)")
     notes: list[str] = Field(default_factory=list)
     created_at: float = Field(default_factory=time.time)
     started_at: float | None = None
@@ -199,6 +200,7 @@ class JobView(BaseModel):
     results: dict[str, str] = Field(default_factory=dict, description="result kind -> download path")
     error: dict[str, str] | None = None
     attempts: int
+    replica: str | None = Field(None, description="the service replica that ran the job last")
     notes: list[str]
     created_at: float
     started_at: float | None
@@ -213,7 +215,7 @@ class JobView(BaseModel):
         return cls(
             id=rec.id, kind=rec.kind, status=rec.status, model=rec.model, options=rec.options,
             finetune=rec.finetune, source=rec.source, metrics=rec.metrics, output_model=rec.output_model,
-            progress=rec.progress, error=rec.error, attempts=rec.attempts, notes=rec.notes,
+            progress=rec.progress, error=rec.error, attempts=rec.attempts, replica=rec.replica, notes=rec.notes,
             created_at=rec.created_at, started_at=rec.started_at, finished_at=rec.finished_at,
             n_frames=rec.n_frames,
             results={k: f"{base}/jobs/{rec.id}/results/{k}" for k in rec.results},

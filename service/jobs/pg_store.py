@@ -427,7 +427,7 @@ class PgJobStore:
                              "its lease (started again from the beginning)")
             log.warning("job %s: lease of %s expired, taken over (attempt %d)", job_id, last, attempts + 1)
         rec.status, rec.attempts, rec.started_at = "running", attempts + 1, now_s
-        rec.error, rec.finished_at = None, None
+        rec.error, rec.finished_at, rec.replica = None, None, self.replica_id
         conn.execute(
             "UPDATE jobs SET status = 'running', claimed_by = %s, attempts = %s, "
             f"lease_until = now() + %s * interval '1 second', updated_at = {_NOW_S}, doc = %s::json "
@@ -483,3 +483,93 @@ class PgJobStore:
             return self._tx(lambda c: c.execute("SELECT 1").fetchone()[0] == 1)
         except StoreUnavailable:
             return False
+
+    # -- what a replica's manager needs on top ----------------------------------------------
+    def admit(self, rec: JobRecord, *, waiting_limit: int, owner_limit: int,
+              kinds: Iterable[str] = ("video",)) -> tuple[bool, str | None, int]:
+        """Insert ``rec`` (an ``uploading`` placeholder held by this replica) if the cluster has
+        room: fewer than ``waiting_limit`` jobs of ``kinds`` waiting (uploading or queued, all
+        replicas) and fewer than ``owner_limit`` active jobs of ``rec.owner``. The counts and the
+        insert happen under one transaction-level advisory lock, so replicas admitting at once
+        never overshoot. Returns ``(admitted, reason, count)``: reason ``"queue_full"`` or
+        ``"key_share"`` with the count that hit the limit."""
+        kind_list = list(kinds)
+
+        def tx(conn: psycopg.Connection) -> tuple[bool, str | None, int]:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY + 1,))
+            mine = conn.execute("SELECT count(*) FROM jobs WHERE owner = %s AND status = ANY(%s) AND kind = ANY(%s)",
+                                (rec.owner, list(ACTIVE), kind_list)).fetchone()[0]
+            if mine >= owner_limit:
+                return False, "key_share", mine
+            waiting = conn.execute("SELECT count(*) FROM jobs WHERE status = ANY(%s) AND kind = ANY(%s)",
+                                   (["uploading", "queued"], kind_list)).fetchone()[0]
+            if waiting >= waiting_limit:
+                return False, "queue_full", waiting
+            conn.execute(
+                "INSERT INTO jobs (id, owner, kind, status, created_at, updated_at, doc, claimed_by) "
+                f"VALUES (%s, %s, %s, %s, %s, {_NOW_S}, %s::json, %s)",
+                (rec.id, rec.owner, rec.kind, rec.status, rec.created_at, rec.model_dump_json(), self.replica_id))
+            return True, None, waiting
+        return self._tx(tx)
+
+    def cancel(self, job_id: str, detail: str = "cancelled before it started") -> str | None:
+        """Cancel a job whoever holds it: a queued one is ``cancelled`` at once (under its row
+        lock, so no replica claims it meanwhile): ``"cancelled"``; a running one is flagged
+        for its holder (:meth:`request_cancel`): ``"requested"``; None for no active job."""
+        def tx(conn: psycopg.Connection) -> str | None:
+            row = conn.execute(f"SELECT status, doc::text, {_NOW_S} FROM jobs WHERE id = %s FOR UPDATE",
+                               (job_id,)).fetchone()
+            if row is None or row[0] not in ACTIVE:
+                return None
+            if row[0] == "running":
+                conn.execute("UPDATE jobs SET cancel_requested = TRUE WHERE id = %s", (job_id,))
+                return "requested"
+            rec = JobRecord.model_validate_json(row[1])
+            rec.status, rec.finished_at = "cancelled", row[2]
+            rec.error = {"error": "cancelled", "detail": detail}
+            rec.progress.stage, rec.progress.eta_s = "done", None
+            conn.execute(f"UPDATE jobs SET status = 'cancelled', doc = %s::json, lease_until = NULL, "
+                         f"updated_at = {_NOW_S} WHERE id = %s", (rec.model_dump_json(), job_id))
+            return "cancelled"
+        return self._tx(tx)
+
+    def heartbeat(self, running: Iterable[str], uploading: Iterable[str], lease_s: float) -> tuple[set[str], set[str]]:
+        """One round trip for a replica's keeper: renew the leases of the ``running`` jobs it
+        holds, mark its ``uploading`` placeholders alive (``updated_at``), and read the cancel
+        flags. Returns ``(held, cancel)``: the running ids it still holds, and those of them
+        somebody asked to cancel."""
+        run_ids, up_ids = list(running), list(uploading)
+
+        def tx(conn: psycopg.Connection) -> tuple[set[str], set[str]]:
+            held, cancel = set(), set()
+            if run_ids:
+                rows = conn.execute(
+                    "UPDATE jobs SET lease_until = now() + %s * interval '1 second' WHERE id = ANY(%s) "
+                    "AND status = 'running' AND claimed_by = %s RETURNING id, cancel_requested",
+                    (float(lease_s), run_ids, self.replica_id)).fetchall()
+                held = {r[0] for r in rows}
+                cancel = {r[0] for r in rows if r[1]}
+            if up_ids:
+                conn.execute(f"UPDATE jobs SET updated_at = {_NOW_S} WHERE id = ANY(%s) AND status = 'uploading' "
+                             "AND claimed_by = %s", (up_ids, self.replica_id))
+            return held, cancel
+        return self._tx(tx)
+
+    def expire_uploads(self, idle_s: float, detail: str) -> list[str]:
+        """Fail ``uploading`` placeholders nobody has marked alive for ``idle_s`` seconds (the
+        replica receiving the upload died): they must not hold a queue slot for ever. Returns
+        their ids."""
+        def tx(conn: psycopg.Connection) -> list[str]:
+            rows = conn.execute(
+                f"SELECT id, doc::text, {_NOW_S} FROM jobs WHERE status = 'uploading' AND updated_at < {_NOW_S} - %s "
+                "FOR UPDATE SKIP LOCKED", (float(idle_s),)).fetchall()
+            for job_id, doc, now_s in rows:
+                rec = JobRecord.model_validate_json(doc)
+                rec.status, rec.finished_at = "failed", now_s
+                rec.error = {"error": "interrupted", "detail": detail}
+                rec.progress.stage = "done"
+                conn.execute(f"UPDATE jobs SET status = 'failed', doc = %s::json, updated_at = {_NOW_S} "
+                             "WHERE id = %s", (rec.model_dump_json(), job_id))
+            return [r[0] for r in rows]
+        return self._tx(tx)
+
