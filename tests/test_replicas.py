@@ -149,6 +149,9 @@ def test_round_robin_jobs_run_once_and_download_anywhere(cluster, videos, tmp_pa
     # another key sees none of them, on any replica
     r = httpx.get(f"{cluster.url('r2')}/v1/jobs/{done[0]['id']}", headers=hdr("user5"), timeout=10)
     assert r.status_code == 404
+    info = httpx.get(f"{cluster.url('r3')}/v1/server", headers=hdr("user0"), timeout=10).json()
+    assert info["replica"] == "r3" and info["store"] == "postgresql"
+    assert info["cluster"] == {"uploading": 0, "queued": 0, "running": 0}
     # uploads were removed from S3 once their jobs ended
     left = cluster.s3.client().list_objects_v2(Bucket=cluster.s3.bucket, Prefix=f"{cluster.prefix}/uploads/")
     assert left.get("KeyCount", 0) == 0

@@ -532,17 +532,20 @@ class JobManager:
 
         return self.catalogs / owner_slug(owner)
 
-    def _pull_owner_cards(self, owner: str | None) -> None:
-        """Clustered: models other replicas fine-tuned for ``owner`` (their cards, from S3)."""
+    def _pull_owner_cards(self, owner: str | None, force: bool = False) -> bool:
+        """Clustered: models other replicas fine-tuned for ``owner`` (their cards, from S3; at
+        most every few seconds unless ``force``). Whether a card was added."""
         if self.shared is None or owner is None:
-            return
+            return False
         from .finetune import owner_slug
 
         try:
-            if self.shared.pull_cards(owner_slug(owner), self.owner_catalog(owner)):
+            if self.shared.pull_cards(owner_slug(owner), self.owner_catalog(owner), 0.0 if force else 5.0):
                 self.forget_owner_zoo(owner)
+                return True
         except Exception as exc:  # S3 trouble: the key sees the models this replica knows
             log.warning("could not read the shared model catalog of %s: %s", owner, exc)
+        return False
 
     def zoo_for(self, owner: str | None):
         """The zoo a key sees: its own fine-tuned models first, then the server's."""
@@ -565,7 +568,13 @@ class JobManager:
 
     def _locate(self, spec: str, owner: str | None):
         try:
-            return self.zoo_for(owner)._locate(spec)
+            try:
+                return self.zoo_for(owner)._locate(spec)
+            except UnknownModelError:
+                # clustered: a model another replica registered a moment ago is looked for at once
+                if not self._pull_owner_cards(owner, force=True):
+                    raise
+                return self.zoo_for(owner)._locate(spec)
         except UnknownModelError as exc:
             msg = re.sub(r" \(`posezoo zoo list`[^)]*\)", "", str(exc))
             raise UnknownModelError(f"{msg} (GET /v1/models lists the models)", exc.suggestions) from None
@@ -953,7 +962,20 @@ class JobManager:
                               status=404, code="not_found")
         return rec, rf
 
-    def stats(self) -> dict:
+    def stats(self, cluster: bool = False) -> dict:
+        """This server's load (``running``/``queued`` are its own); with ``cluster`` and a
+        database, also the jobs of every replica (``cluster``, None while it is unreachable)."""
+        out = self._local_stats()
+        if cluster and self.clustered:
+            from .pg_store import StoreUnavailable
+
+            try:
+                out["cluster"] = {st: self.store.count([st]) for st in ("uploading", "queued", "running")}
+            except StoreUnavailable:
+                out["cluster"] = None
+        return out
+
+    def _local_stats(self) -> dict:
         with self._lock:
             video = [r for r in self._live.values() if r.kind != "finetune"]
             ft = [r for r in self._live.values() if r.kind == "finetune"]
