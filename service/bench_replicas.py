@@ -27,7 +27,8 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+# run as a script, service/ itself would be sys.path[0] (and `service` this folder's service.py)
+sys.path[:1] = [str(REPO), str(REPO / "tests")]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -985,7 +985,8 @@ class JobManager:
             ft_queued = sum(1 for r in ft if r.status == "queued")
             return {"replica": self.replica, "store": "postgresql" if self.clustered else "sqlite",
                     "workers": self.settings.workers, "queue_size": self.settings.queue_size,
-                    "running": running, "queued": queued, "reserved": self._active - running - queued,
+                    "running": running, "queued": queued,
+                    "reserved": len(self._uploading) if self.clustered else self._active - running - queued,
                     "finetune": {"workers": 1, "queue_size": self.settings.finetune_queue_size,
                                  "running": ft_running, "queued": ft_queued}}
 
