@@ -82,6 +82,7 @@ def run_bench(predictor: PosePredictor, model_ref: str, video: str, *, batch_siz
         "frames": table.n_frames,
         "frame_size": f"{info.width}x{info.height}",
         "providers": predictor.providers,
+        "io_binding": bool(getattr(predictor.model, "uses_gpu", False)),
         "threads": predictor.model.threads,
         "batch_size": batch_size,
         "model_only_fps": round(model_fps, 1),
@@ -110,7 +111,8 @@ def run_bench(predictor: PosePredictor, model_ref: str, video: str, *, batch_siz
 def format_bench(r: dict) -> str:
     lines = [
         f"model {r['model']} on {r['video']} ({r['frames']} frames, {r['frame_size']}), "
-        f"providers {','.join(r['providers'])}, {r['threads']} threads, batch {r['batch_size']}",
+        f"providers {','.join(r['providers'])}{' (I/O binding)' if r.get('io_binding') else ''}, "
+        f"{r['threads']} threads, batch {r['batch_size']}",
         f"  model-only ORT throughput   {r['model_only_fps']:8.1f} frames/s "
         f"(mean of {r['model_only_fps_before_after'][0]:.1f} before and {r['model_only_fps_before_after'][1]:.1f} after)",
         f"  end-to-end throughput       {r['end_to_end_fps']:8.1f} frames/s",

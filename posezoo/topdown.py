@@ -34,7 +34,11 @@ from .decoding import decode_outputs, decode_simcc
 from .dlc import scorer_name
 from .errors import InputError, PosezooError
 from .predictor import FrameLoop, StageTimes, finish_poses
-from .runtime import OrtModel, normalise_batch
+from .runtime import TRT_MAX_BATCH, OrtModel, normalise_batch
+
+#: crops per pose-network call on the CPU, and on a GPU (:attr:`TopDownPredictor.max_crops`)
+CPU_MAX_CROPS = 64
+GPU_MAX_CROPS = TRT_MAX_BATCH
 from .table import PoseTable
 from .video import probe
 
@@ -408,6 +412,9 @@ class TopDownPredictor:
         self.source = source
         self.sha256 = sha256 or card.artefact.sha256
         self.crop: TopDownSpec = card.top_down or TopDownSpec()
+        #: crops per pose-network call: the crops of all frames of a video batch go together
+        #: (:func:`estimate_poses`), up to this many; a GPU takes the batch TensorRT's profile allows
+        self.max_crops = GPU_MAX_CROPS if self.pose.model.uses_gpu else CPU_MAX_CROPS
 
     @property
     def providers(self) -> list[str]:
@@ -428,9 +435,10 @@ class TopDownPredictor:
         return boxes, scores
 
     def poses_for_boxes(self, frames: list[np.ndarray] | np.ndarray, boxes: list[np.ndarray],
-                        max_crops: int = 64, times: StageTimes | None = None) -> list[np.ndarray]:
-        """Pose of every box of every frame (see :func:`estimate_poses`)."""
-        return estimate_poses(self.pose, frames, boxes, self.crop, max_crops=max_crops, times=times)
+                        max_crops: int | None = None, times: StageTimes | None = None) -> list[np.ndarray]:
+        """Pose of every box of every frame, the crops of all frames batched into calls of at most
+        ``max_crops`` (default :attr:`max_crops`; see :func:`estimate_poses`)."""
+        return estimate_poses(self.pose, frames, boxes, self.crop, max_crops=max_crops or self.max_crops, times=times)
 
     def predict_images(self, images: np.ndarray, *, colour_order: str = "RGB",
                        max_individuals: int | None = None) -> np.ndarray:

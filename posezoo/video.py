@@ -5,15 +5,23 @@ the network's colour order (OpenCV for planar YUV, FFmpeg's scaler otherwise), a
 handed over in batches of at most ``batch_size`` frames through a queue of
 ``queue_batches`` slots. So decoding overlaps inference and at most ``(queue_batches + 2) * batch_size`` frames are in
 memory, whatever the length of the video.
+
+For a GPU, which consumes thousands of frames a second, the decoder runs FFmpeg's frame
+threads (``thread_type = "AUTO"``, several frames in flight inside the decoder) and
+:func:`iter_batches` can convert frames (resize + colour) on ``convert_threads`` threads
+while the next ones decode; two more batches are then in flight
+(``(queue_batches + 4) * batch_size`` frames at most).
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import queue
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -248,20 +256,36 @@ def iter_frames(
     size: tuple[int, int] | None = None,
     colour_order: str = "RGB",
     max_frames: int | None = None,
+    decode_threads: int | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield frames one by one, shape ``(height, width, 3)`` uint8, in the same thread.
 
     ``size`` is ``(width, height)`` to resize to (see :func:`frame_to_array`);
-    ``max_frames`` stops early. At the end, if fewer frames decoded than the header
+    ``max_frames`` stops early; ``decode_threads`` FFmpeg decoder threads (default: FFmpeg's
+    choice, one per core). At the end, if fewer frames decoded than the header
     announced, or the decoder hit damaged data, :class:`TruncatedVideoError` is raised
     after the good frames were yielded.
+    """
+    size = (int(size[0]), int(size[1])) if size is not None else None
+    for frame in decoded_frames(path, max_frames=max_frames, decode_threads=decode_threads):
+        yield frame_to_array(frame, size, colour_order)
+
+
+def decoded_frames(path: str | os.PathLike, *, max_frames: int | None = None,
+                   decode_threads: int | None = None) -> Iterator:
+    """The decoded PyAV frames of :func:`iter_frames`, before conversion (same checks and errors).
+
+    FFmpeg decodes with frame threads (``thread_type = "AUTO"``: several frames in flight,
+    the throughput a GPU needs), slice threads only for frames over
+    :data:`LARGE_FRAME_PIXELS`.
     """
     container, stream = _open(path)
     header_pixels = int(stream.width) * int(stream.height)
     # Frame threads each hold their own frames: for large frames, slice threads only.
     stream.thread_type = "AUTO" if header_pixels <= LARGE_FRAME_PIXELS else "SLICE"
+    if decode_threads is not None:
+        stream.thread_count = max(0, int(decode_threads))
     expected = _stream_frames(container, stream, _stream_fps(stream))
-    size = (int(size[0]), int(size[1])) if size is not None else None
     n = 0
     try:
         try:
@@ -271,7 +295,7 @@ def iter_frames(
                 if frame.width * frame.height > header_pixels:  # limits are checked against the header
                     raise VideoError(f"{path}: frame {n} is {frame.width}x{frame.height}, larger than the "
                                      f"{stream.width}x{stream.height} its header announces")
-                yield frame_to_array(frame, size, colour_order)
+                yield frame
                 n += 1
         except (av.FFmpegError, EOFError) as exc:
             raise TruncatedVideoError(
@@ -293,6 +317,13 @@ def iter_frames(
         container.close()
 
 
+def default_convert_threads(cpu_count: int | None = None) -> int:
+    """Frame-conversion threads :func:`iter_batches` uses by default: one below 8 cores (the
+    cores are ONNX Runtime's), else a quarter of them, at most 4 (enough to feed a GPU)."""
+    n = int(cpu_count or os.cpu_count() or 1)
+    return 1 if n < 8 else min(4, n // 4)
+
+
 def iter_batches(
     path: str | os.PathLike,
     batch_size: int,
@@ -301,6 +332,8 @@ def iter_batches(
     colour_order: str = "RGB",
     queue_batches: int = 3,
     max_frames: int | None = None,
+    convert_threads: int | None = None,
+    decode_threads: int | None = None,
 ) -> Iterator[FrameBatch]:
     """Stream a video as :class:`FrameBatch` es decoded on a background thread.
 
@@ -313,10 +346,16 @@ def iter_batches(
         ``(width, height)`` to resize every frame to while decoding.
     colour_order : {"RGB", "BGR"}
     queue_batches : int
-        Bound of the hand-over queue; with the batch being filled and the one being
-        consumed, at most ``queue_batches + 2`` batches exist at once.
+        Batches in flight: the bound of the hand-over queue; with the batch being filled
+        and the one being consumed, at most ``queue_batches + 2`` batches exist at once.
     max_frames : int, optional
         Stop after this many frames.
+    convert_threads : int, optional
+        Threads converting decoded frames (resize, colour) while the next ones decode
+        (default :func:`default_convert_threads`; 1: in the decoding thread). With more
+        than one, two more batches are in flight.
+    decode_threads : int, optional
+        FFmpeg decoder threads (default: FFmpeg's choice).
 
     Raises
     ------
@@ -340,11 +379,57 @@ def iter_batches(
             except queue.Full:
                 continue
 
+    convert_threads = default_convert_threads() if convert_threads is None else max(1, int(convert_threads))
+
+    def pooled_worker() -> None:
+        """Decode here, convert on ``convert_threads`` threads, keep frame order."""
+        wh = (int(size[0]), int(size[1])) if size is not None else None
+        pending: collections.deque = collections.deque()  # (start, [futures]) of full batches
+        futures: list = []
+        start = 0
+
+        def hand_over(keep: int) -> None:
+            while len(pending) > keep:
+                first, items = pending.popleft()
+                put(FrameBatch(first, np.stack([f.result() for f in items])))
+
+        with ThreadPoolExecutor(convert_threads, thread_name_prefix="posezoo-video-convert") as pool:
+            try:
+                for frame in decoded_frames(path, max_frames=max_frames, decode_threads=decode_threads):
+                    futures.append(pool.submit(frame_to_array, frame, wh, colour_order))
+                    if len(futures) == batch_size:
+                        pending.append((start, futures))
+                        start += len(futures)
+                        futures = []
+                        hand_over(keep=1)  # the newest batch converts while the next one decodes
+                if futures:
+                    pending.append((start, futures))
+                hand_over(keep=0)
+                put(done)
+            except _Stop:
+                for f in futures + [f for _, items in pending for f in items]:
+                    f.cancel()
+                return
+            except BaseException as exc:  # handed to the consumer, raised there
+                try:
+                    if futures:
+                        pending.append((start, futures))
+                    hand_over(keep=0)
+                    put(exc)
+                except _Stop:
+                    return
+                except BaseException as again:  # a conversion failed too: that error goes first
+                    try:
+                        put(again)
+                    except _Stop:
+                        return
+
     def worker() -> None:
         buf: list[np.ndarray] = []
         start = 0
         try:
-            for frame in iter_frames(path, size=size, colour_order=colour_order, max_frames=max_frames):
+            for frame in iter_frames(path, size=size, colour_order=colour_order, max_frames=max_frames,
+                                     decode_threads=decode_threads):
                 buf.append(frame)
                 if len(buf) == batch_size:
                     put(FrameBatch(start, np.stack(buf)))
@@ -363,7 +448,8 @@ def iter_batches(
             except _Stop:
                 return
 
-    thread = threading.Thread(target=worker, name="posezoo-video-decode", daemon=True)
+    thread = threading.Thread(target=pooled_worker if convert_threads > 1 else worker,
+                              name="posezoo-video-decode", daemon=True)
     thread.start()
     try:
         while True:

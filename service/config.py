@@ -91,7 +91,7 @@ class ServiceSettings(BaseSettings):
     queue_size: int = Field(4, ge=0, le=10_000, description="jobs waiting beyond the running ones; more get 429")
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 429")
     threads: int | None = Field(None, ge=1, description="ONNX Runtime threads per job (default: cores / workers)")
-    device: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "tensorrt", "tensorrt:fp16"] = "auto"
     default_model: str | None = Field(None, description="model when a job names none (default: posezoo's DEFAULT_MODEL)")
     allowed_models: list[str] | None = Field(None, description="if set, only these model names are served")
     resume_interrupted: bool = Field(True, description="after a restart, re-run interrupted jobs (else mark them failed)")
