@@ -23,19 +23,19 @@ def peak_rss_mb() -> float:
 
 def model_only_fps(predictor: PosePredictor, video: str, batch_size: int, n_frames: int = 128,
                    min_seconds: float = 3.0) -> float:
-    """ONNX Runtime alone: frames/s on pre-decoded, pre-normalised batches."""
+    """The network alone: frames/s on pre-decoded, pre-normalised batches (both passes of a
+    card with test-time flip, as prediction runs them)."""
     info = probe(video)
     plan = plan_resize(info.size, predictor.card.input)
     frames = np.stack(list(iter_frames(video, size=plan.resized_wh if plan.needs_resize else None,
                                        colour_order=predictor.card.input.colour_order, max_frames=n_frames)))
     batches = [normalise_batch(frames[i : i + batch_size], predictor.card.input, plan.input_hw)
                for i in range(0, len(frames), batch_size)]
-    feeds = predictor.card.input.input_name
-    predictor.model.run({feeds: batches[0]})  # warm-up
+    predictor.run_network(batches[0])  # warm-up
     done, t0 = 0, time.perf_counter()
     while True:
         for x in batches:
-            predictor.model.run({feeds: x})
+            predictor.run_network(x)
             done += len(x)
         if time.perf_counter() - t0 >= min_seconds:
             return done / (time.perf_counter() - t0)

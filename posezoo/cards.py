@@ -228,6 +228,12 @@ class ModelCard(_Strict):
     variant_of: str | None = None
     #: how an INT8 variant was made (recipe, calibration frames, command)
     quantization: dict | None = None
+    #: test-time flip (full-frame heatmap models): each frame also runs mirrored left/right
+    #: in the same batch, and the mirrored pass's heatmaps and location refinement, mirrored
+    #: back with ``flip_pairs`` swapped and ``dx`` negated, are averaged with the plain pass's
+    #: before decoding (twice the network time; :func:`posezoo.predictor.unflip_outputs`).
+    #: Unset (None) is off, and is left out of the YAML, so older cards round-trip unchanged.
+    test_time_flip: bool | None = None
 
     @property
     def ref(self) -> str:
@@ -242,6 +248,8 @@ class ModelCard(_Strict):
     def _consistent(self) -> "ModelCard":
         if (self.precision != "fp32") != (self.variant_of is not None):
             raise ValueError("a card of precision other than fp32 names the card it is a variant_of (and only it)")
+        if self.test_time_flip and (self.task != "single_animal" or self.decoder != "heatmap_argmax_locref"):
+            raise ValueError("test_time_flip is supported for single_animal heatmap (heatmap_argmax_locref) cards only")
         if self.task == "top_down" and not self.detector:
             raise ValueError("a top_down card must name its detector card")
         if (self.decoder == "simcc") != (self.simcc is not None):

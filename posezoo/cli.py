@@ -14,6 +14,9 @@ from pathlib import Path
 from .errors import InputError, PosezooError
 from .table import FORMATS
 
+#: --device: where ONNX Runtime runs (tensorrt:fp16 lets TensorRT use half precision)
+DEVICE_CHOICES = ["auto", "cpu", "cuda", "tensorrt", "tensorrt:fp16"]
+
 
 def _formats(text: str) -> list[str]:
     fmts = [f.strip().lower() for f in text.split(",") if f.strip()]
@@ -69,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--labeled-video", action="store_true", help="also write <video><scorer>_labeled.mp4 (H.264)")
     pr.add_argument("--overwrite", action="store_true",
                     help="analyse again videos whose results exist (default: skip them, as DeepLabCut does)")
-    pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "tensorrt"])
+    pr.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     pr.add_argument("--batch-size", type=_positive, default=16)
     pr.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime threads (default: all cores)")
     pr.add_argument("--filter", choices=["median", "savgol"], default=None,
@@ -96,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--video", required=True)
     be.add_argument("--batch-size", type=_positive, default=16)
     be.add_argument("--threads", type=_positive, default=None)
-    be.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "tensorrt"])
+    be.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     be.add_argument("--precision", type=precisions, default=["fp32"],
                     help="fp32, int8 (the model's static-quantised CPU variant) or both, comma-separated "
                          "(fp32,int8: measured in one run, with the speed-up)")
@@ -331,6 +334,8 @@ def _add_training_commands(sub) -> None:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--threads", type=_positive, default=None, help="PyTorch threads (default: all cores)")
     tr.add_argument("--workdir", default=None, help="checkpoints and exports (default: a temporary dir)")
+    tr.add_argument("--test-time-flip", action="store_true",
+                    help="card: average each frame's outputs with its left/right mirror's (2x network time)")
     tr.add_argument("--no-progress", action="store_true")
 
     ev = sub.add_parser("evaluate", help="pixel error, RMSE and PCK of a model on DeepLabCut labelled frames")
@@ -340,7 +345,7 @@ def _add_training_commands(sub) -> None:
                     help="test frames (default: the split recorded in the model card)")
     ev.add_argument("--out", default=None, help="write evaluation.json and a PNG grid of test frames here")
     ev.add_argument("--threads", type=_positive, default=None)
-    ev.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "tensorrt"])
+    ev.add_argument("--device", default="cpu", choices=DEVICE_CHOICES)
     ev.add_argument("--json", action="store_true")
 
 
@@ -364,7 +369,7 @@ def _train_cmd(args) -> int:
                        keypoints=[k.strip() for k in args.keypoints.split(",")] if args.keypoints else None,
                        init=args.init, workdir=args.workdir, catalog=args.catalog,
                        command=command_line(sys.argv[1:] if args.argv is None else args.argv),
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, test_time_flip=args.test_time_flip)
     print(f"{card.ref}: registered in {args.store} (sha256 {card.artefact.sha256[:12]}…)")
     return 0
 

@@ -122,7 +122,7 @@ def card_splits(card, data: LabelledData) -> dict | None:
 
 
 def evaluate_model(model: str, labelled: str | Path, *, test: list[str] | None = None, device: str = "cpu",
-                   threads: int | None = None, zoo=None) -> Evaluation:
+                   threads: int | None = None, zoo=None, test_time_flip: bool | None = None) -> Evaluation:
     """Run a zoo model on labelled frames and score it.
 
     Parameters
@@ -134,10 +134,12 @@ def evaluate_model(model: str, labelled: str | Path, *, test: list[str] | None =
     test : list of str, optional
         Glob patterns selecting the test frames; default: the split recorded in the
         model card (``training.split``), else every frame is reported as ``all``.
+    test_time_flip : bool, optional
+        Override the card's ``test_time_flip`` (None: as the card says).
     """
     from .predictor import load
 
-    predictor = load(model, device=device, threads=threads, zoo=zoo)
+    predictor = load(model, device=device, threads=threads, zoo=zoo, test_time_flip=test_time_flip)
     data = check_keypoints(load_labelled(labelled), predictor.keypoints)
     if test:
         train_idx, test_idx = split_indices(data, test=test)

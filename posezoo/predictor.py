@@ -168,7 +168,8 @@ class PosePredictor:
     """
 
     def __init__(self, card: ModelCard, model_path: str | Path, *, device: str = "auto",
-                 threads: int | None = None, source: str = "", sha256: str | None = None):
+                 threads: int | None = None, source: str = "", sha256: str | None = None,
+                 test_time_flip: bool | None = None):
         if card.task != "single_animal":
             raise PosezooError(f"{card.ref}: task {card.task!r} is not served by the full-frame predictor")
         self.card = card
@@ -183,6 +184,9 @@ class PosePredictor:
                 f"outputs {self.model.output_names}; card wants {card.input.input_name} -> {spec.heatmap}, {spec.locref})"
             )
         self._outputs = [spec.heatmap] + ([spec.locref] if spec.locref else [])
+        #: test-time flip: the card's ``test_time_flip`` unless overridden here
+        self.test_time_flip = bool(card.test_time_flip if test_time_flip is None else test_time_flip)
+        self._flip_perm = flip_permutation(card.keypoints, card.flip_pairs)
 
     @property
     def providers(self) -> list[str]:
@@ -199,7 +203,7 @@ class PosePredictor:
         t0 = time.perf_counter()
         x = normalise_batch(resized, self.card.input, plan.input_hw)
         t1 = time.perf_counter()
-        out = self.model.run({self.card.input.input_name: x}, self._outputs)
+        out = self.run_network(x)
         t2 = time.perf_counter()
         kp = decode_outputs(out, self.card.outputs, plan.input_hw)
         kp = to_frame_coordinates(kp, plan.scale, (0.0, 0.0))
@@ -209,6 +213,20 @@ class PosePredictor:
             times.inference += t2 - t1
             times.decode += t3 - t2
         return kp[:, None]
+
+    def run_network(self, x: np.ndarray) -> dict:
+        """The network on a normalised batch ``(n, 3, H, W)``: its outputs by name, with
+        test-time flip (when on) folded in, so ``(n, K, h, w)`` heatmaps either way.
+
+        With flip the mirrored batch runs in the same call (``2n`` images) and its outputs
+        are mirrored back and averaged with the plain ones (:func:`unflip_outputs`)."""
+        feed = self.card.input.input_name
+        if not self.test_time_flip:
+            return self.model.run({feed: x}, self._outputs)
+        n = x.shape[0]
+        both = self.model.run({feed: np.concatenate([x, x[..., ::-1]])}, self._outputs)
+        return average_flipped({k: v[:n] for k, v in both.items()}, {k: v[n:] for k, v in both.items()},
+                               self.card.outputs, self._flip_perm)
 
     def predict_images(self, images: np.ndarray, *, colour_order: str = "RGB", batch_size: int = 16) -> np.ndarray:
         """Predict keypoints on same-sized images.
@@ -302,10 +320,65 @@ class PosePredictor:
                       "source": self.source, "task": self.card.task},
             "video": {"path": info.path, "fps": info.fps, "width": info.width, "height": info.height,
                       "n_frames": n_frames, "n_frames_header": info.n_frames, "codec": info.codec},
-            "runtime": {"providers": self.providers, "threads": self.model.threads, "batch_size": batch_size},
+            "runtime": {"providers": self.providers, "threads": self.model.threads, "batch_size": batch_size,
+                        "test_time_flip": self.test_time_flip},
             "timings": {**times.as_dict(), "fps": round(n_frames / total, 2)},
             "pcutoff": self.card.pcutoff,
         }
+
+
+def flip_permutation(keypoints, flip_pairs) -> np.ndarray:
+    """Index permutation that swaps each left/right pair, shape ``(n_keypoints,)``."""
+    names = list(keypoints)
+    perm = np.arange(len(names))
+    for a, b in flip_pairs:
+        ia, ib = names.index(a), names.index(b)
+        perm[ia], perm[ib] = ib, ia
+    return perm
+
+
+def unflip_outputs(out: dict, spec, flip_perm: np.ndarray) -> dict:
+    """Outputs of left/right-mirrored inputs, mapped back to the un-mirrored frame.
+
+    A heatmap cell ``ix`` of a ``w``-wide map is centred at ``(ix + 1/2) * s`` of the
+    ``W = w * s`` wide input, so mirroring the input (``u -> W - u``, the convention the
+    training's flip augmentation uses) mirrors the cells (``ix -> w - 1 - ix``) exactly;
+    each keypoint's maps are then swapped with its flip partner, and the ``dx`` of the
+    location refinement changes sign (``dy`` stays).
+
+    Parameters
+    ----------
+    out : dict
+        ``{name: array}`` with ``spec.heatmap`` ``(n, K, h, w)`` and, if the card has
+        one, ``spec.locref`` ``(n, 2K, h, w)`` (channels ``dx0, dy0, dx1, dy1, ...``).
+    spec : OutputSpec
+    flip_perm : ndarray, shape (K,)
+
+    Returns
+    -------
+    dict
+        The same names, un-mirrored (new arrays).
+    """
+    perm = np.asarray(flip_perm)
+    res = dict(out)
+    heat = np.asarray(out[spec.heatmap])
+    res[spec.heatmap] = heat[:, perm, :, ::-1].copy()
+    if spec.locref and spec.locref in out:
+        lr = np.asarray(out[spec.locref])
+        n, c, h, w = lr.shape
+        lr = lr.reshape(n, c // 2, 2, h, w)[:, perm, :, :, ::-1].copy()
+        lr[:, :, 0] *= -1.0
+        res[spec.locref] = lr.reshape(n, c, h, w)
+    return res
+
+
+def average_flipped(plain: dict, mirrored: dict, spec, flip_perm: np.ndarray) -> dict:
+    """Test-time flip: the mean of ``plain`` outputs and :func:`unflip_outputs` of the
+    ``mirrored`` ones (heatmaps and location refinement), float32."""
+    back = unflip_outputs(mirrored, spec, flip_perm)
+    names = [spec.heatmap] + ([spec.locref] if spec.locref and spec.locref in plain else [])
+    return {k: (0.5 * (np.asarray(plain[k], np.float32) + np.asarray(back[k], np.float32))).astype(np.float32)
+            for k in names}
 
 
 def _progress(progress, total: int, label: str):
@@ -324,7 +397,7 @@ def _progress(progress, total: int, label: str):
 
 
 def load(model: str = "default", *, device: str = "auto", threads: int | None = None, zoo: Zoo | None = None,
-         precision: str = "fp32") -> PosePredictor:
+         precision: str = "fp32", test_time_flip: bool | None = None) -> PosePredictor:
     """Load a zoo model for inference.
 
     Parameters
@@ -341,6 +414,8 @@ def load(model: str = "default", *, device: str = "auto", threads: int | None = 
         ``posezoo_mouse@1.1.0-int8``; see :mod:`posezoo.quantize`). A model without one, or
         an unknown precision, raises :class:`~posezoo.errors.PrecisionError` naming the
         precisions the model has. A ``model`` that names a variant itself is that variant.
+    test_time_flip : bool, optional
+        Override the card's ``test_time_flip`` (full-frame models only; None: as the card says).
 
     Returns
     -------
@@ -353,7 +428,7 @@ def load(model: str = "default", *, device: str = "auto", threads: int | None = 
 
         return load_top_down(resolved, zoo, device=device, threads=threads)
     return PosePredictor(resolved.card, resolved.path, device=device, threads=threads,
-                         source=resolved.source, sha256=resolved.card.artefact.sha256)
+                         source=resolved.source, sha256=resolved.card.artefact.sha256, test_time_flip=test_time_flip)
 
 
 #: The bundled model used when none is named.

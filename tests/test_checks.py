@@ -21,11 +21,14 @@ def bounds():
     return body_length_bounds(lengths)
 
 
-@pytest.fixture(scope="module", params=["fp32", "int8"])
+@pytest.fixture(scope="module", params=[("posezoo_mouse@1.1.0", "fp32"), ("posezoo_mouse@1.1.0", "int8"),
+                                        ("posezoo_mouse@1.2.0", "fp32"), ("posezoo_mouse@1.2.0", "int8")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def video_table(openfield_video, request):
     import posezoo
 
-    predictor = posezoo.load("posezoo_mouse", device="cpu", precision=request.param)
+    model, precision = request.param
+    predictor = posezoo.load(model, device="cpu", precision=precision)
     return predictor, predictor.predict_video(openfield_video, batch_size=32)
 
 

@@ -160,8 +160,11 @@ def test_fine_tune_from_a_zoo_model(trained, tmp_path):
     info = ModelInfo(name="test_mouse", version="0.0.2", skeleton=SKELETON, flip_pairs=FLIP)
     cfg = dataclasses.replace(TINY_CFG, steps=1)
     card = train_model(trained.label, info, tmp_path / "catalog", cfg=cfg, test=["img0005*"],
-                       init=str(trained.card_path), workdir=tmp_path / "work", progress=False, log=lambda *_: None)
+                       init=str(trained.card_path), workdir=tmp_path / "work", progress=False, log=lambda *_: None,
+                       test_time_flip=True)
     assert card.training["init"] == str(trained.card_path)
+    assert card.test_time_flip is True and trained.card.test_time_flip is None  # --test-time-flip, or off
+    assert posezoo.load(str(tmp_path / "catalog/test_mouse/0.0.2/card.yaml"), device="cpu").test_time_flip
     with pytest.raises(posezoo.PosezooError, match="no training checkpoint"):
         train_model(trained.label, info, tmp_path / "c2", cfg=cfg, init="posezoo_tiny_mouse", progress=False,
                     log=lambda *_: None)

@@ -132,7 +132,7 @@ def train_model(labelled: str | Path, info: ModelInfo, store: str | Path, *, cfg
                 test: list[str] | None = None, test_fraction: float = 0.05, keypoints: list[str] | None = None,
                 init: str | None = None, workdir: str | Path | None = None, catalog: str | Path | None = None,
                 command: str | None = None, progress: bool = True, log=print,
-                top_down: TopDownTarget | None = None) -> ModelCard:
+                top_down: TopDownTarget | None = None, test_time_flip: bool = False) -> ModelCard:
     """Train on DeepLabCut labelled data and register the result.
 
     Parameters
@@ -159,6 +159,10 @@ def train_model(labelled: str | Path, info: ModelInfo, store: str | Path, *, cfg
         Train a top-down model's pose network, on crops of ``cfg.input_hw`` around each
         labelled animal; the card names ``top_down.detector``. It is evaluated on crops of
         the held-out frames' labelled boxes (the detector is not run).
+    test_time_flip : bool
+        Write ``test_time_flip: true`` in the card (full-frame models): the runtime then
+        averages each frame's outputs with its mirror's, and the card's metrics are
+        measured that way. Training itself is unchanged.
 
     Returns
     -------
@@ -208,7 +212,9 @@ def train_model(labelled: str | Path, info: ModelInfo, store: str | Path, *, cfg
         description=info.description or (
             f"posezoo's own {', '.join(info.species)} model: EfficientNet-Lite0 (ImageNet, to stride 16) with a "
             f"two-step up-sampling head, heatmaps and location refinement at stride {STRIDE}, "
-            f"{cfg.input_hw[1]}x{cfg.input_hw[0]} letterboxed input; trained with `posezoo train`."),
+            f"{cfg.input_hw[1]}x{cfg.input_hw[0]} letterboxed input; trained with `posezoo train`."
+            + (" Test-time flip: each frame's outputs averaged with its left/right mirror's." if test_time_flip
+               and top_down is None else "")),
         species=list(info.species),
         view=info.view,
         speed="fast",  # EfficientNet-Lite0 at 320x240: well over 100 frames/s end to end on 2 cores
@@ -228,6 +234,7 @@ def train_model(labelled: str | Path, info: ModelInfo, store: str | Path, *, cfg
         citation=info.citation,
         training=_training_record(data, train_idx, test_idx, cfg, result, par, ckpt, init, command),
         pcutoff=0.4,
+        test_time_flip=True if test_time_flip and top_down is None else None,
     )
     card_path = register(card, onnx_path, store, extra_files=[ckpt], catalog=catalog)
     card = ModelCard.from_yaml(card_path)
