@@ -21,6 +21,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def units_per_second(fn, units: int, min_seconds: float, *, warm_up: bool = True) -> float:
+    """Rate of ``fn()``, which does ``units`` units of work a call: called once to warm up
+    (TensorRT/cuDNN pick their kernels then), then repeatedly for at least ``min_seconds``."""
+    if warm_up:
+        fn()
+    done, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        done += units
+        if time.perf_counter() - t0 >= min_seconds:
+            return done / (time.perf_counter() - t0)
+
+
 def model_only_fps(predictor: PosePredictor, video: str, batch_size: int, n_frames: int = 128,
                    min_seconds: float = 3.0) -> float:
     """The network alone: frames/s on pre-decoded, pre-normalised batches (both passes of a
@@ -31,14 +44,13 @@ def model_only_fps(predictor: PosePredictor, video: str, batch_size: int, n_fram
                                        colour_order=predictor.card.input.colour_order, max_frames=n_frames)))
     batches = [normalise_batch(frames[i : i + batch_size], predictor.card.input, plan.input_hw)
                for i in range(0, len(frames), batch_size)]
-    predictor.run_network(batches[0])  # warm-up
-    done, t0 = 0, time.perf_counter()
-    while True:
+    predictor.run_network(batches[0])  # warm-up (a whole pass follows in units_per_second's)
+
+    def one_pass() -> None:
         for x in batches:
             predictor.run_network(x)
-            done += len(x)
-        if time.perf_counter() - t0 >= min_seconds:
-            return done / (time.perf_counter() - t0)
+
+    return units_per_second(one_pass, len(frames), min_seconds, warm_up=False)
 
 
 def video_only_fps(predictor: PosePredictor, video: str, max_frames: int | None = None) -> float:

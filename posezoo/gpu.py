@@ -199,16 +199,6 @@ def _video(path: str | None, frames: int) -> str:
     return str(target)
 
 
-def _rate(fn, units: int, min_seconds: float) -> float:
-    fn()  # warm-up (TensorRT/cuDNN pick their kernels here)
-    done, t0 = 0, time.perf_counter()
-    while True:
-        fn()
-        done += units
-        if time.perf_counter() - t0 >= min_seconds:
-            return done / (time.perf_counter() - t0)
-
-
 def parity(reference: np.ndarray, other: np.ndarray, pcutoff: float) -> dict:
     """Keypoint agreement of two ``(n, 1, K, 3)`` predictions: pixel distance where the reference
     is confident, and the largest likelihood difference."""
@@ -286,6 +276,7 @@ def measure_bundled(video: str, *, frames: int, batch_size: int, deadline: float
 
 
 def measure_hrnet(video: str, *, batch_size: int, deadline: float, out=sys.stdout) -> list[dict]:
+    from .bench import units_per_second
     from .topdown import CropPoseModel, estimate_poses
     from .video import iter_frames
     from .zoo import default_zoo
@@ -325,10 +316,10 @@ def measure_hrnet(video: str, *, batch_size: int, deadline: float, out=sys.stdou
         per_call = batch_size if device == "cpu" else 128
         x = rng.normal(size=(per_call, 3, *pose.crop_hw)).astype(np.float32)
         seconds = 1.0 if device == "cpu" else 2.0
-        entry["model_only_crops_per_s"] = round(_rate(lambda: pose.model.run({card.input.input_name: x}), per_call,
+        entry["model_only_crops_per_s"] = round(units_per_second(lambda: pose.model.run({card.input.input_name: x}), per_call,
                                                       seconds), 1)
         n_crops = sum(len(b) for b in boxes)
-        entry["stage_crops_per_s"] = round(_rate(lambda: estimate_poses(pose, frames, boxes, max_crops=per_call),
+        entry["stage_crops_per_s"] = round(units_per_second(lambda: estimate_poses(pose, frames, boxes, max_crops=per_call),
                                                  n_crops, seconds), 1)
         kp = np.concatenate(estimate_poses(pose, frames, boxes, max_crops=per_call))
         if reference is None:

@@ -640,14 +640,10 @@ def bench_top_down(predictor: TopDownPredictor, video: str, *, frames: int = 32,
                                        pose.crop_wh) for f, b in zip(imgs, boxes)])
     x = normalise_batch(crops, pose.card.input, pose.crop_hw)
 
+    from .bench import units_per_second
+
     def rate(fn, units):
-        fn()  # warm-up
-        done, t0 = 0, time.perf_counter()
-        while True:
-            fn()
-            done += units
-            if time.perf_counter() - t0 >= min_seconds:
-                return done / (time.perf_counter() - t0)
+        return units_per_second(fn, units, min_seconds)
 
     def model_only():
         for i in range(0, len(x), batch_size):

@@ -125,10 +125,11 @@ def test_queue_bounds_decoded_frames_in_memory(monkeypatch, mouse_video):
     assert rest + 2 == 60
 
 
-def test_closing_early_stops_the_decoder_thread(mouse_video):
+@pytest.mark.parametrize("convert_threads", [None, 3])  # 3: the conversion pool's threads stop too
+def test_closing_early_stops_the_decoder_thread(mouse_video, convert_threads):
     path, _ = mouse_video
     before = threading.active_count()
-    batches = video.iter_batches(path, 2, queue_batches=1)
+    batches = video.iter_batches(path, 2, queue_batches=1, convert_threads=convert_threads)
     next(batches)
     batches.close()
     deadline = time.time() + 5
