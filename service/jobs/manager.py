@@ -752,16 +752,10 @@ class JobManager:
         if res.released:
             return
         res.released = True
-        if self.clustered:
-            with self._lock:
-                self._uploading.discard(res.job_id)
-            self._cleanup_inputs(res.job_id)
-            rec = self.store.get(res.job_id)
-            if rec is not None and rec.status == "uploading":
-                self.store.delete(res.job_id)
-            return
         with self._lock:
-            if res.kind == "finetune":
+            if self.clustered:  # the slot is the uploading record, deleted below
+                self._uploading.discard(res.job_id)
+            elif res.kind == "finetune":
                 self._ft_active -= 1
             else:
                 self._active -= 1
@@ -876,33 +870,27 @@ class JobManager:
                               status=413, code="too_large")
 
     def _enqueue(self, res: Reservation, rec: JobRecord) -> JobRecord:
+        """Queue a validated job. Clustered, its input goes to S3 first (any replica may run
+        it) and some replica's worker claims it from the store; else this process's queue."""
         rec.status = "queued"
         rec.progress.stage = "queued"
-        if self.clustered:
-            return self._enqueue_shared(res, rec)
-        self.store.put(rec)
-        with self._lock:
-            res.released = True  # the slot now belongs to the queued job
-            self._live[rec.id] = rec
-            self._cancel[rec.id] = threading.Event()
-        (self._ft_queue if rec.kind == "finetune" else self._queue).put(rec.id)
-        self._metrics.submitted.labels("finetune" if rec.kind == "finetune" else rec.source.get("kind", "?")).inc()
-        log.info("job %s queued (owner %s, model %s, source %s)", rec.id, rec.owner, rec.model, rec.source.get("kind"))
-        return rec
-
-    def _enqueue_shared(self, res: Reservation, rec: JobRecord) -> JobRecord:
-        """Clustered: the input goes to S3 (any replica may run the job), then the record
-        becomes ``queued`` and some replica's worker claims it."""
-        if rec.input_path and not rec.input_path.startswith("s3://"):
-            local = Path(rec.input_path)
-            rec.input_path = self.shared.put_input(rec.id, local)
+        kind = "finetune" if rec.kind == "finetune" else "video"
+        if self.clustered and rec.input_path and not rec.input_path.startswith("s3://"):
+            rec.input_path = self.shared.put_input(rec.id, Path(rec.input_path))
             self._cleanup_inputs_local(rec.id)
         self.store.put(rec)
         with self._lock:
             res.released = True  # the slot now belongs to the queued job
-            self._uploading.discard(res.job_id)
-        self._wake["finetune" if rec.kind == "finetune" else "video"].set()
-        self._metrics.submitted.labels("finetune" if rec.kind == "finetune" else rec.source.get("kind", "?")).inc()
+            if self.clustered:
+                self._uploading.discard(res.job_id)
+            else:
+                self._live[rec.id] = rec
+                self._cancel[rec.id] = threading.Event()
+        if self.clustered:
+            self._wake[kind].set()
+        else:
+            (self._ft_queue if kind == "finetune" else self._queue).put(rec.id)
+        self._metrics.submitted.labels(kind if kind == "finetune" else rec.source.get("kind", "?")).inc()
         log.info("job %s queued (owner %s, model %s, source %s)", rec.id, rec.owner, rec.model, rec.source.get("kind"))
         return rec
 

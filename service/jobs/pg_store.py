@@ -123,6 +123,13 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 _NOW_S = "extract(epoch from clock_timestamp())::float8"
 
 
+def _ended(rec: JobRecord, status: str, error: dict, now_s: float) -> str:
+    """``rec`` made terminal by the store itself (at ``now_s``, database clock); its JSON."""
+    rec.status, rec.error, rec.finished_at = status, error, now_s  # type: ignore[assignment]
+    rec.progress.stage, rec.progress.eta_s = "done", None
+    return rec.model_dump_json()
+
+
 class StoreUnavailable(PosezooError):
     """The job database cannot be reached (or is overloaded): try again after ``retry_after``
     seconds. The HTTP layer answers 503 with a ``Retry-After`` header."""
@@ -408,17 +415,14 @@ class PgJobStore:
         expired = status == "running"
         if cancel or (expired and attempts >= self.max_attempts):
             if cancel:
-                rec.status = "cancelled"
-                rec.error = {"error": "cancelled", "detail": "cancelled before it started" if not expired else
-                             "cancelled by the user after the replica running it stopped"}
+                doc = _ended(rec, "cancelled", {"error": "cancelled", "detail": "cancelled before it started" if not
+                             expired else "cancelled by the user after the replica running it stopped"}, now_s)
             else:
-                rec.status = "failed"
-                rec.error = {"error": "lease_expired",
-                             "detail": f"the replica running it stopped {attempts} times (last: {last}); giving up"}
+                doc = _ended(rec, "failed", {"error": "lease_expired", "detail": f"the replica running it stopped "
+                                             f"{attempts} times (last: {last}); giving up"}, now_s)
                 log.warning("job %s failed: its lease expired after %d attempts", job_id, attempts)
-            rec.finished_at, rec.progress.stage, rec.progress.eta_s = now_s, "done", None
             conn.execute(f"UPDATE jobs SET status = %s, doc = %s::json, lease_until = NULL, updated_at = {_NOW_S} "
-                         "WHERE id = %s", (rec.status, rec.model_dump_json(), job_id))
+                         "WHERE id = %s", (rec.status, doc, job_id))
             return False, None
         if expired:
             rec.progress = Progress(stage="queued")
@@ -524,12 +528,10 @@ class PgJobStore:
             if row[0] == "running":
                 conn.execute("UPDATE jobs SET cancel_requested = TRUE WHERE id = %s", (job_id,))
                 return "requested"
-            rec = JobRecord.model_validate_json(row[1])
-            rec.status, rec.finished_at = "cancelled", row[2]
-            rec.error = {"error": "cancelled", "detail": detail}
-            rec.progress.stage, rec.progress.eta_s = "done", None
+            doc = _ended(JobRecord.model_validate_json(row[1]), "cancelled", {"error": "cancelled", "detail": detail},
+                         row[2])
             conn.execute(f"UPDATE jobs SET status = 'cancelled', doc = %s::json, lease_until = NULL, "
-                         f"updated_at = {_NOW_S} WHERE id = %s", (rec.model_dump_json(), job_id))
+                         f"updated_at = {_NOW_S} WHERE id = %s", (doc, job_id))
             return "cancelled"
         return self._tx(tx)
 
@@ -564,12 +566,10 @@ class PgJobStore:
                 f"SELECT id, doc::text, {_NOW_S} FROM jobs WHERE status = 'uploading' AND updated_at < {_NOW_S} - %s "
                 "FOR UPDATE SKIP LOCKED", (float(idle_s),)).fetchall()
             for job_id, doc, now_s in rows:
-                rec = JobRecord.model_validate_json(doc)
-                rec.status, rec.finished_at = "failed", now_s
-                rec.error = {"error": "interrupted", "detail": detail}
-                rec.progress.stage = "done"
+                doc = _ended(JobRecord.model_validate_json(doc), "failed", {"error": "interrupted", "detail": detail},
+                             now_s)
                 conn.execute(f"UPDATE jobs SET status = 'failed', doc = %s::json, updated_at = {_NOW_S} "
-                             "WHERE id = %s", (rec.model_dump_json(), job_id))
+                             "WHERE id = %s", (doc, job_id))
             return [r[0] for r in rows]
         return self._tx(tx)
 
