@@ -8,6 +8,10 @@ frames can miss. Three signs, each counted only where the points involved are co
 - the head-tail axis turns by more than ``max_turn_deg`` between consecutive frames (a swap: an
   animal does not reverse in 1/30 s);
 - the head is farther from the ears than the tail is (a swap, when the model has ears).
+
+:func:`left_right_check` looks for the other confusion, of a left/right pair (the ears swapped),
+in predictions or in human labels alike: in a top view the left ear stays on one side of the
+tail-to-head axis, so a frame where a pair sits the other way round from most frames is flagged.
 """
 
 from __future__ import annotations
@@ -99,3 +103,71 @@ def head_tail_check(data: np.ndarray, keypoints, *, head: str, tail: str, length
     pct = np.percentile(length[both], [1, 50, 99]) if both.any() else np.full(3, np.nan)
     return HeadTailReport(n_frames=len(d), n_checked=int(both.sum()), length_px=tuple(float(v) for v in pct),
                           bad_length=bad_length.tolist(), turned=turned.tolist(), head_behind_ears=behind.tolist())
+
+
+@dataclass(frozen=True)
+class LeftRightReport:
+    """What :func:`left_right_check` found; ``ok`` when no frame has a pair the other way round.
+
+    Attributes
+    ----------
+    n_checked : int
+        Frames where the head, the tail and both members of at least one pair are present.
+    side : dict of str to int
+        For each pair's left keypoint, the side of the tail-to-head axis it is on in most
+        checked frames: +1 or -1 (the sign of the cross product in image coordinates).
+    swapped : dict of str to list of int
+        For each pair's left keypoint, the frames where the left point is on the other side and
+        the right point on the left's usual side (the pair swapped).
+    """
+
+    n_checked: int
+    side: dict[str, int]
+    swapped: dict[str, list[int]]
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.swapped.values())
+
+
+def left_right_check(xy: np.ndarray, keypoints, *, head: str, tail: str, pairs) -> LeftRightReport:
+    """Find frames whose left/right pairs sit the other way round from most frames.
+
+    Parameters
+    ----------
+    xy : ndarray, shape (n_frames, n_keypoints, 2)
+        Points in pixels, NaN where missing (``LabelledData.coords``, or a table's ``x, y`` with
+        the unconfident points set to NaN).
+    keypoints : sequence of str, length n_keypoints
+    head, tail : str
+        The body axis, e.g. ``"snout"`` and ``"tailbase"``.
+    pairs : sequence of (str, str)
+        Left/right pairs, e.g. ``[("leftear", "rightear")]`` (a card's ``flip_pairs``).
+
+    Notes
+    -----
+    Only for views that do not mirror the animal between frames (top or bottom views); a
+    side view sees the left ear from either side.
+    """
+    names = list(keypoints)
+    missing = [k for k in (head, tail, *(k for pair in pairs for k in pair)) if k not in names]
+    if missing:
+        raise InputError(f"keypoints {missing} are not among {names}")
+    d = np.asarray(xy, dtype=float)
+    tail_xy = d[:, names.index(tail)]
+    axis = d[:, names.index(head)] - tail_xy
+
+    def side(name: str) -> np.ndarray:  # sign of axis x (point - tail); NaN where missing
+        v = d[:, names.index(name)] - tail_xy
+        return np.sign(axis[:, 0] * v[:, 1] - axis[:, 1] * v[:, 0])
+
+    checked = np.zeros(len(d), bool)
+    usual, swapped = {}, {}
+    for left, right in pairs:
+        sl, sr = side(left), side(right)
+        both = np.isfinite(sl) & np.isfinite(sr) & (sl != 0) & (sr != 0)
+        checked |= both
+        majority = 1 if np.sum(sl[both] > 0) >= np.sum(sl[both] < 0) else -1
+        usual[left] = majority
+        swapped[left] = np.flatnonzero(both & (sl == -majority) & (sr == majority)).tolist()
+    return LeftRightReport(n_checked=int(checked.sum()), side=usual, swapped=swapped)

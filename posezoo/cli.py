@@ -307,6 +307,18 @@ def _pairs(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def _input_size(text: str) -> tuple[int, int]:
+    """``"480x360"`` (width x height) -> ``(360, 480)`` (the card's ``(height, width)``)."""
+    w, sep, h = text.lower().partition("x")
+    try:
+        size = (int(h), int(w))
+    except ValueError:
+        size = None
+    if not sep or size is None or min(size) < 32:
+        raise argparse.ArgumentTypeError(f"an input size looks like 480x360 (width x height, at least 32); got {text!r}")
+    return size
+
+
 def _add_training_commands(sub) -> None:
     tr = sub.add_parser("train", help="train a model on DeepLabCut labelled frames (needs posezoo[train])")
     tr.add_argument("labelled", metavar="LABELLED_DATA", help="CollectedData_<scorer>.csv/.h5 or its folder")
@@ -329,6 +341,9 @@ def _add_training_commands(sub) -> None:
     tr.add_argument("--steps", type=_positive, default=None)
     tr.add_argument("--batch-size", type=_positive, default=None)
     tr.add_argument("--lr", type=float, default=None)
+    tr.add_argument("--input-size", type=_input_size, default=None, metavar="WxH",
+                    help="network input, e.g. 480x360 (default: TrainConfig's 320x240); the frames must have "
+                         "its aspect ratio")
     tr.add_argument("--freeze-blocks", type=int, default=None,
                     help="keep the stem and the first N backbone blocks frozen (default: TrainConfig's)")
     tr.add_argument("--seed", type=int, default=0)
@@ -337,6 +352,13 @@ def _add_training_commands(sub) -> None:
     tr.add_argument("--test-time-flip", action="store_true",
                     help="card: average each frame's outputs with its left/right mirror's (2x network time)")
     tr.add_argument("--no-progress", action="store_true")
+
+    cl = sub.add_parser("check-labels", help="find labelled frames whose left/right pairs are swapped "
+                                             "(top or bottom views)")
+    cl.add_argument("labelled", metavar="LABELLED_DATA", help="CollectedData_<scorer>.csv/.h5 or its folder")
+    cl.add_argument("--head", required=True, help="head end of the body axis, e.g. snout")
+    cl.add_argument("--tail", required=True, help="tail end of the body axis, e.g. tailbase")
+    cl.add_argument("--pairs", type=_pairs, required=True, help="left/right pairs: leftear-rightear,...")
 
     ev = sub.add_parser("evaluate", help="pixel error, RMSE and PCK of a model on DeepLabCut labelled frames")
     ev.add_argument("model", metavar="MODEL", help="name[@version], alias or card.yaml")
@@ -359,7 +381,8 @@ def _train_cmd(args) -> int:
     from .training.pipeline import command_line
 
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr),
-                                   ("freeze_blocks", args.freeze_blocks)) if v is not None}
+                                   ("freeze_blocks", args.freeze_blocks), ("input_hw", args.input_size))
+                 if v is not None}
     cfg = dataclasses.replace(TrainConfig(), seed=args.seed, threads=args.threads, **overrides)
     info = ModelInfo(name=args.name, version=args.version,
                      species=tuple(s.strip() for s in args.species.split(",") if s.strip()), view=args.view,
@@ -372,6 +395,20 @@ def _train_cmd(args) -> int:
                        progress=not args.no_progress, test_time_flip=args.test_time_flip)
     print(f"{card.ref}: registered in {args.store} (sha256 {card.artefact.sha256[:12]}…)")
     return 0
+
+
+def _check_labels_cmd(args) -> int:
+    """Exit status 0 when no frame has a pair swapped; 1 when one has (listed) or on bad input."""
+    from .checks import left_right_check
+    from .labelled import load_labelled
+
+    data = load_labelled(args.labelled, check_images=False)
+    report = left_right_check(data.coords, data.keypoints, head=args.head, tail=args.tail, pairs=args.pairs)
+    print(f"{data.source}: {report.n_checked} of {len(data)} frames checked")
+    for left, right in args.pairs:
+        frames = [data.names[i] for i in report.swapped[left]]
+        print(f"{left}/{right} swapped in {len(frames)} frame(s){': ' + ', '.join(frames) if frames else ''}")
+    return 0 if report.ok else 1
 
 
 def _evaluate_cmd(args) -> int:
@@ -461,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     handlers = {"zoo": _zoo_cmd, "predict": _predict_cmd, "bench": _bench_cmd, "demo-video": _demo_cmd,
-                "train": _train_cmd, "evaluate": _evaluate_cmd}
+                "train": _train_cmd, "evaluate": _evaluate_cmd,
+                "check-labels": _check_labels_cmd}
     handlers["remote"] = _remote_cmd
     try:
         return handlers[args.command](args)

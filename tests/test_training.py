@@ -158,11 +158,13 @@ def test_train_export_register_load_predict(trained):
 
 def test_fine_tune_from_a_zoo_model(trained, tmp_path):
     info = ModelInfo(name="test_mouse", version="0.0.2", skeleton=SKELETON, flip_pairs=FLIP)
-    cfg = dataclasses.replace(TINY_CFG, steps=1)
+    # at another input size: the network is fully convolutional, so the weights carry over
+    cfg = dataclasses.replace(TINY_CFG, steps=1, input_hw=(120, 160))
     card = train_model(trained.label, info, tmp_path / "catalog", cfg=cfg, test=["img0005*"],
                        init=str(trained.card_path), workdir=tmp_path / "work", progress=False, log=lambda *_: None,
                        test_time_flip=True)
     assert card.training["init"] == str(trained.card_path)
+    assert card.input.size == (120, 160) and "160x120 letterboxed input" in card.description
     assert card.test_time_flip is True and trained.card.test_time_flip is None  # --test-time-flip, or off
     assert posezoo.load(str(tmp_path / "catalog/test_mouse/0.0.2/card.yaml"), device="cpu").test_time_flip
     with pytest.raises(posezoo.PosezooError, match="no training checkpoint"):
@@ -211,6 +213,22 @@ def test_train_cli_without_torch_says_what_to_install(tmp_path):
     r = subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None\nimport posezoo, posezoo.evaluate,"
                         " posezoo.labelled, posezoo.cli"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr  # inference and evaluation never import torch
+
+
+def test_train_cli_input_size(trained, capsys):
+    from posezoo.cli import build_parser, main
+
+    args = build_parser().parse_args(["train", "x", "--name", "m", "--input-size", "480x360"])
+    assert args.input_size == (360, 480)  # the card's (height, width)
+    for bad in ("480", "480xabc", "16x12"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["train", "x", "--name", "m", "--input-size", bad])
+        assert "480x360 (width x height" in capsys.readouterr().err
+    # the size reaches the training: 640x480 frames do not letterbox exactly into 500x300
+    assert main(["train", str(trained.label), "--name", "m", "--store", str(trained.root / "unused"),
+                 "--input-size", "500x300", "--steps", "1", "--no-progress"]) == 1
+    assert "do not letterbox exactly into 500x300" in capsys.readouterr().err
+    assert not (trained.root / "unused").exists()
 
 
 def test_labelled_crops_are_the_runtimes_crops():
