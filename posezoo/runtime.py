@@ -422,6 +422,8 @@ def resize_batch(images: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
 
     One OpenCV call per 42 images: the batch is laid out as the channels of a single
     image (OpenCV resizes up to 128 channels at once), not looped over image by image.
+    Area averaging by a non-integer factor (640x480 into 480x360) takes at most 4 channels
+    in OpenCV, so those images are resized one by one.
     """
     import cv2
 
@@ -429,8 +431,12 @@ def resize_batch(images: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
     tw, th = size_wh
     if (w, h) == (tw, th):
         return images
-    interp = cv2.INTER_AREA if tw <= w and th <= h else cv2.INTER_LINEAR
-    per_call = max(1, 128 // c)  # the most channels this OpenCV resizes in one call
+    area = tw <= w and th <= h
+    interp = cv2.INTER_AREA if area else cv2.INTER_LINEAR
+    if area and (w % tw or h % th):
+        per_call = 1
+    else:
+        per_call = max(1, 128 // c)  # the most channels this OpenCV resizes in one call
     out = np.empty((n, th, tw, c), np.uint8)
     for i in range(0, n, per_call):
         chunk = images[i : i + per_call]

@@ -61,6 +61,33 @@ def test_letterbox_maps_back_to_frame_pixels(tiny_predictor, tmp_path):
     assert np.median(np.linalg.norm(table.data[:, 0, 0, :2] - centre, axis=1)) < 20
 
 
+@pytest.mark.parametrize("size_wh", [(320, 240), (480, 360), (213, 160), (800, 600)])
+def test_resize_batch_is_opencv_image_by_image(size_wh):
+    import cv2
+
+    from posezoo.runtime import resize_batch
+
+    # 480x360 and 213x160 are area averaging by a non-integer factor, where OpenCV takes at
+    # most 4 channels (the batch laid out as channels failed there); 800x600 is up-sampling
+    images = np.random.default_rng(0).integers(0, 256, (50, 480, 640, 3), dtype=np.uint8)
+    interp = cv2.INTER_AREA if size_wh[0] <= 640 else cv2.INTER_LINEAR
+    expected = np.stack([cv2.resize(im, size_wh, interpolation=interp) for im in images])
+    got = resize_batch(images, size_wh)
+    assert got.shape == expected.shape  # rounding may differ by 1 between OpenCV's 3- and 126-channel paths
+    assert np.abs(got.astype(int) - expected).max() <= 1
+
+
+def test_images_of_a_size_the_input_does_not_divide(tiny_predictor, tmp_path):
+    from posezoo.synthetic import make_mouse_video
+
+    path = tmp_path / "odd.mp4"
+    truth = make_mouse_video(path, 8, 500, 376, seed=3)  # into 320x240: scaled by 0.638
+    frames = np.stack(list(iter_frames(path)))
+    centre = truth[:, 0, [0, 3], :2].mean(axis=1)
+    for data in (tiny_predictor.predict_images(frames)[:, 0], tiny_predictor.predict_video(path).data[:, 0]):
+        assert np.median(np.linalg.norm(data[:, 0, :2] - centre, axis=1)) < 20
+
+
 def test_predict_images_matches_video_path(tiny_predictor, mouse_video):
     path, _ = mouse_video
     frames = np.stack(list(iter_frames(path, max_frames=10)))
