@@ -86,6 +86,11 @@ class OutputSpec(_Strict):
     #: (DeepLabCut's PyTorch predictors use the model's stride, e.g. 8 for a ResNet-50
     #: head whose 256 px crop gives 33x33 heatmaps).
     nominal_stride: bool = False
+    #: Heatmap cells within which two keypoints of one animal cannot both peak: the one with
+    #: the lower heatmap there moves to its best cell elsewhere (0: off; see
+    #: ``posezoo.decoding.exclusive_peaks``). For single-animal models whose keypoints are
+    #: never that close, e.g. a top-view mouse's snout and tail base.
+    exclusive_radius: int = Field(0, ge=0)
 
 
 class Artefact(_Strict):

@@ -351,6 +351,9 @@ def _add_training_commands(sub) -> None:
     tr.add_argument("--workdir", default=None, help="checkpoints and exports (default: a temporary dir)")
     tr.add_argument("--test-time-flip", action="store_true",
                     help="card: average each frame's outputs with its left/right mirror's (2x network time)")
+    tr.add_argument("--exclusive-radius", type=int, default=0, metavar="CELLS",
+                    help="card: two keypoints cannot both peak within this many heatmap cells; the one "
+                         "lower there moves (default 0: off)")
     tr.add_argument("--no-progress", action="store_true")
 
     cl = sub.add_parser("check-labels", help="find labelled frames whose left/right pairs are swapped "
@@ -392,7 +395,8 @@ def _train_cmd(args) -> int:
                        keypoints=[k.strip() for k in args.keypoints.split(",")] if args.keypoints else None,
                        init=args.init, workdir=args.workdir, catalog=args.catalog,
                        command=command_line(sys.argv[1:] if args.argv is None else args.argv),
-                       progress=not args.no_progress, test_time_flip=args.test_time_flip)
+                       progress=not args.no_progress, test_time_flip=args.test_time_flip,
+                       exclusive_radius=args.exclusive_radius)
     print(f"{card.ref}: registered in {args.store} (sha256 {card.artefact.sha256[:12]}…)")
     return 0
 

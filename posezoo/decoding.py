@@ -26,12 +26,14 @@ def decode_heatmaps(
     locref_std: float = 7.2801,
     activation: str = "none",
     clip: bool = False,
+    exclusive_radius: int = 0,
 ) -> np.ndarray:
     """Decode heatmaps (and optional location refinement) to keypoints.
 
     DeepLabCut's rule, per keypoint: take the heatmap argmax ``(iy, ix)``, then
     ``x = ix * stride_x + stride_x / 2 + dx * locref_std`` (same for ``y``), and the
-    heatmap value at the argmax as the likelihood.
+    heatmap value at the argmax as the likelihood. With ``exclusive_radius``, one place is
+    one body part first (see :func:`exclusive_peaks`).
 
     Parameters
     ----------
@@ -49,6 +51,10 @@ def decode_heatmaps(
     activation : {"none", "sigmoid"}
     clip : bool
         Clip the likelihood to ``[0, 1]`` after the argmax (DeepLabCut's ``clip_scores``).
+    exclusive_radius : int
+        Heatmap cells (Chebyshev distance): a keypoint whose peak is this near another
+        keypoint's peak, where the other's heatmap is higher, takes its best cell away from
+        there (0: off, DeepLabCut's rule).
 
     Returns
     -------
@@ -69,6 +75,8 @@ def decode_heatmaps(
         hm = sigmoid(hm)
     flat = hm.reshape(n, k, h * w)
     idx = flat.argmax(axis=2)  # (n, k)
+    if exclusive_radius > 0 and k > 1:
+        idx = exclusive_peaks(flat, idx, w, exclusive_radius)
     conf = np.take_along_axis(flat, idx[..., None], axis=2)[..., 0]
     if clip:
         conf = np.clip(conf, 0.0, 1.0)
@@ -86,6 +94,46 @@ def decode_heatmaps(
     return np.stack([x, y, conf], axis=-1).astype(np.float32, copy=False)
 
 
+def exclusive_peaks(flat: np.ndarray, idx: np.ndarray, width: int, radius: int) -> np.ndarray:
+    """Move the peaks that sit on a place another keypoint owns.
+
+    A single animal's snout cannot be where its tail base is: when keypoint ``a``'s argmax is
+    within ``radius`` cells of keypoint ``b``'s argmax and ``b``'s heatmap is higher than
+    ``a``'s at ``a``'s argmax, ``a`` takes its best cell outside the ``(2 radius + 1)``-cell
+    square around its old argmax (once: no chains of moves).
+
+    Parameters
+    ----------
+    flat : ndarray, shape (n, k, h * w)
+        Heatmaps (after any activation).
+    idx : ndarray, shape (n, k)
+        Their argmax cells.
+    width : int
+        ``w``, to turn flat cells into rows and columns.
+    radius : int
+
+    Returns
+    -------
+    ndarray, shape (n, k)
+        ``idx`` with the moved peaks (a new array).
+    """
+    n, k, hw = flat.shape
+    iy, ix = np.divmod(idx, width)
+    near = np.maximum(np.abs(iy[:, :, None] - iy[:, None, :]), np.abs(ix[:, :, None] - ix[:, None, :])) <= radius
+    near &= ~np.eye(k, dtype=bool)
+    # at[i, a, b]: keypoint b's heatmap at keypoint a's argmax
+    at = flat[np.arange(n)[:, None, None], np.arange(k)[None, None, :], idx[:, :, None]]
+    own = np.take_along_axis(flat, idx[..., None], axis=2)  # (n, k, 1)
+    ni, ki = np.nonzero((near & (at > own)).any(axis=2))
+    out = idx.copy()
+    if ni.size:
+        cy, cx = np.divmod(np.arange(hw), width)
+        block = ((np.abs(cy[None] - iy[ni, ki][:, None]) <= radius)
+                 & (np.abs(cx[None] - ix[ni, ki][:, None]) <= radius))
+        out[ni, ki] = np.where(block, -np.inf, flat[ni, ki]).argmax(axis=1)
+    return out
+
+
 def decode_outputs(out: dict, spec, input_hw: tuple[int, int]) -> np.ndarray:
     """:func:`decode_heatmaps` as a card's ``outputs`` (an ``OutputSpec``) says: its output
     names, activation, score clipping, ``locref_std`` and stride; the nominal stride where the
@@ -99,7 +147,8 @@ def decode_outputs(out: dict, spec, input_hw: tuple[int, int]) -> np.ndarray:
     """
     where = {"stride": spec.stride} if spec.nominal_stride else {"input_hw": input_hw}
     return decode_heatmaps(out[spec.heatmap], out.get(spec.locref) if spec.locref else None, **where,
-                           locref_std=spec.locref_std, activation=spec.heatmap_activation, clip=spec.clip_scores)
+                           locref_std=spec.locref_std, activation=spec.heatmap_activation, clip=spec.clip_scores,
+                           exclusive_radius=spec.exclusive_radius)
 
 
 def decode_simcc(

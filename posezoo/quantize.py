@@ -86,7 +86,9 @@ def prepare_graph(model):
     """Exact rewrites that let every convolution of posezoo's heatmap models run in INT8.
 
     * ``BatchNormalization(Add(ConvTranspose(x), Conv(y)))`` -> the per-channel scale goes
-      into both weights, the shift into the ``Conv``'s bias;
+      into both weights, the shift into the first one's bias (also where the
+      ``ConvTranspose``'s output is cropped by spatial ``Slice`` nodes, at input sizes whose
+      stride-8 map has an odd side, e.g. 400x300);
     * ``ConvTranspose`` (stride 2, kernel 4, pads 1, no groups or dilation) -> ``Conv`` 3x3,
       pads 1, ``4 * C_out`` channels, then ``DepthToSpace`` (blocksize 2, DCR): output pixel
       ``(2i + r, 2j + s)`` of the transposed convolution reads inputs ``i-1..i+1`` with the
@@ -119,15 +121,28 @@ def prepare_graph(model):
         g.initializer.append(t)
         inits[name] = g.initializer[-1]
 
+    def through_spatial_slices(name):
+        """The node making ``name``, looking through ``Slice`` nodes that only crop the spatial
+        axes (the head crops an up-sampled map to its skip's odd size): a per-channel scale and
+        shift commute with them."""
+        node = producer.get(name)
+        while node is not None and node.op_type == "Slice":
+            axes = node.input[3] if len(node.input) > 3 else ""
+            if (not axes or axes not in inits or len(consumers.get(node.output[0], [])) != 1
+                    or not set(numpy_helper.to_array(inits[axes]).tolist()) <= {2, 3, -1, -2}):
+                return None
+            node = producer.get(node.input[0])
+        return node
+
     removed = []
-    # 1. BatchNorm after Add(ConvTranspose, Conv): fold into both
+    # 1. BatchNorm after Add(ConvTranspose, Conv), the ConvTranspose's output maybe cropped: fold into both
     for bn in [n for n in g.node if n.op_type == "BatchNormalization"]:
         add = producer.get(bn.input[0])
         if add is None or add.op_type != "Add" or len(consumers.get(add.output[0], [])) != 1:
             continue
         if not all(i in inits for i in bn.input[1:5]):
             continue
-        ins = [producer.get(i) for i in add.input]
+        ins = [through_spatial_slices(i) for i in add.input]
         if any(p is None or p.op_type not in ("Conv", "ConvTranspose") or len(consumers[p.output[0]]) != 1
                or p.input[1] not in inits or len(consumers[p.input[1]]) != 1 for p in ins):
             continue

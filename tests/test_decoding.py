@@ -125,3 +125,30 @@ def test_simcc_matches_deeplabcuts_predictor(softmax, normalize):
     np.testing.assert_allclose(ours[..., 2], ref[..., 2], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(ours[valid][:, :2], ref[valid][:, :2])
     assert (ref[~valid][:, :2] == -0.5).all()  # DeepLabCut's "no position" (-1 / split ratio)
+
+
+def test_exclusive_peaks_move_a_keypoint_off_a_place_another_owns():
+    from posezoo.decoding import exclusive_peaks
+
+    # frame 0: the snout (0) peaks on the tail base (1) at cell (10, 30), where the tail base's
+    # heatmap is higher; its own blob at (10, 5) is weaker. Frame 1: the same, but the snout's
+    # peak is 3 cells from the tail base's. Frame 2: the ears (2, 3) peak 2 cells apart, each
+    # highest at its own peak: nothing moves.
+    hm = np.zeros((3, 4, 20, 40), np.float32)
+    hm[0, 0, 10, 30], hm[0, 0, 10, 5], hm[0, 1, 10, 30] = 0.5, 0.4, 0.8
+    hm[1, 0, 10, 33], hm[1, 0, 10, 5], hm[1, 1, 10, 30] = 0.5, 0.4, 0.8
+    hm[:, 2, 5, 20], hm[:, 3, 5, 22] = 0.9, 0.7
+    hm[:, 3, 5, 20] = 0.6  # the right ear's heatmap is high on the left ear's peak too, but lower
+    plain = decode_heatmaps(hm, stride=4)
+    moved = decode_heatmaps(hm, stride=4, exclusive_radius=2)
+    assert plain[0, 0, :2].tolist() == [122.0, 42.0] and moved[0, 0].tolist() == [22.0, 42.0, pytest.approx(0.4)]
+    np.testing.assert_array_equal(moved[0, 1:], plain[0, 1:])
+    np.testing.assert_array_equal(moved[1:], plain[1:])  # 3 cells apart; the ears keep their places
+    # within 3 cells, but the tail base's heatmap is 0 at the snout's peak: not its place
+    np.testing.assert_array_equal(decode_heatmaps(hm, stride=4, exclusive_radius=3)[1], plain[1])
+    hm[1, 1, 10, 33] = 0.6
+    assert decode_heatmaps(hm, stride=4, exclusive_radius=3)[1, 0, :2].tolist() == [22.0, 42.0]
+    flat = hm.reshape(3, 4, -1)
+    idx = flat.argmax(axis=2)
+    out = exclusive_peaks(flat, idx, 40, 2)
+    assert out is not idx and (idx == flat.argmax(axis=2)).all()  # a new array, the input untouched

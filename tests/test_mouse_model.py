@@ -119,16 +119,23 @@ def test_flip_on_video_matches_flip_on_images(openfield_video):
     assert np.median(np.linalg.norm(flipped[..., :2] - images[..., :2], axis=-1)) < 2.0
 
 
-def test_the_bundled_1_2_0_card_records_its_recipe_and_beats_1_1_0():
+def test_each_bundled_version_records_its_recipe_and_beats_the_one_it_started_from():
     from posezoo.zoo import default_zoo
 
     zoo = default_zoo()
-    new, old = zoo.card("posezoo_mouse"), zoo.card("posezoo_mouse@1.1.0")
-    assert new.version == "1.2.0" and new.test_time_flip is True and old.test_time_flip is None
-    assert zoo.card("posezoo_mouse", precision="int8").test_time_flip is True  # the variant keeps it
-    cmd = new.training["command"]
-    assert cmd.startswith("posezoo train ") and "--init posezoo_mouse@1.1.0" in cmd and "--test-time-flip" in cmd
-    assert "--store models" in cmd and new.training["init"] == "posezoo_mouse@1.1.0"
-    assert new.training["config"]["steps"] == 1500 and new.training["history"][-1]["step"] == 1500
-    assert new.training["split"] == old.training["split"]
-    assert new.metrics["test"]["overall"]["mean_px"] < old.metrics["test"]["overall"]["mean_px"]
+    v11, v12, v13 = (zoo.card(f"posezoo_mouse@{v}") for v in ("1.1.0", "1.2.0", "1.3.0"))
+    assert zoo.card("posezoo_mouse") == v13 and v11.test_time_flip is None
+    for new, old, steps in ((v12, v11, 1500), (v13, v12, 1000)):
+        assert new.test_time_flip is True and zoo.card(new.ref, precision="int8").test_time_flip is True
+        cmd = new.training["command"]
+        assert cmd.startswith("posezoo train ") and f"--init {old.ref}" in cmd and "--test-time-flip" in cmd
+        assert "--store models" in cmd and new.training["init"] == old.ref
+        assert new.training["config"]["steps"] == steps and new.training["history"][-1]["step"] == steps
+        assert new.training["split"] == old.training["split"]
+        assert new.metrics["test"]["overall"]["mean_px"] < old.metrics["test"]["overall"]["mean_px"]
+    # 1.3.0: the same network at a larger input, recorded in the card and in its command
+    assert v13.input.size == (300, 400) and v13.training["config"]["input_hw"] == [300, 400]
+    assert "--input-size 400x300" in v13.training["command"] and v13.speed == "medium"
+    # decoded with one place per body part (the plain argmax put the snout on the tail base once)
+    assert v13.outputs.exclusive_radius == 2 and "--exclusive-radius 2" in v13.training["command"]
+    assert zoo.card(v13.ref, precision="int8").outputs.exclusive_radius == 2 and v12.outputs.exclusive_radius == 0

@@ -162,9 +162,10 @@ def test_fine_tune_from_a_zoo_model(trained, tmp_path):
     cfg = dataclasses.replace(TINY_CFG, steps=1, input_hw=(120, 160))
     card = train_model(trained.label, info, tmp_path / "catalog", cfg=cfg, test=["img0005*"],
                        init=str(trained.card_path), workdir=tmp_path / "work", progress=False, log=lambda *_: None,
-                       test_time_flip=True)
-    assert card.training["init"] == str(trained.card_path)
+                       test_time_flip=True, exclusive_radius=1)
+    assert card.training["init"] == str(trained.card_path) and card.outputs.exclusive_radius == 1
     assert card.input.size == (120, 160) and "160x120 letterboxed input" in card.description
+    assert card.speed == "fast"  # 160x120 twice (flip) is less work than 320x240 once
     assert card.test_time_flip is True and trained.card.test_time_flip is None  # --test-time-flip, or off
     assert posezoo.load(str(tmp_path / "catalog/test_mouse/0.0.2/card.yaml"), device="cpu").test_time_flip
     with pytest.raises(posezoo.PosezooError, match="no training checkpoint"):

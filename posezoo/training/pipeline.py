@@ -132,7 +132,8 @@ def train_model(labelled: str | Path, info: ModelInfo, store: str | Path, *, cfg
                 test: list[str] | None = None, test_fraction: float = 0.05, keypoints: list[str] | None = None,
                 init: str | None = None, workdir: str | Path | None = None, catalog: str | Path | None = None,
                 command: str | None = None, progress: bool = True, log=print,
-                top_down: TopDownTarget | None = None, test_time_flip: bool = False) -> ModelCard:
+                top_down: TopDownTarget | None = None, test_time_flip: bool = False,
+                exclusive_radius: int = 0) -> ModelCard:
     """Train on DeepLabCut labelled data and register the result.
 
     Parameters
@@ -163,6 +164,9 @@ def train_model(labelled: str | Path, info: ModelInfo, store: str | Path, *, cfg
         Write ``test_time_flip: true`` in the card (full-frame models): the runtime then
         averages each frame's outputs with its mirror's, and the card's metrics are
         measured that way. Training itself is unchanged.
+    exclusive_radius : int
+        The card's ``outputs.exclusive_radius`` (heatmap cells; 0: off): decoding moves a
+        keypoint off a place another keypoint owns. Training itself is unchanged.
 
     Returns
     -------
@@ -217,7 +221,7 @@ def train_model(labelled: str | Path, info: ModelInfo, store: str | Path, *, cfg
                and top_down is None else "")),
         species=list(info.species),
         view=info.view,
-        speed="fast",  # EfficientNet-Lite0 at 320x240: well over 100 frames/s end to end on 2 cores
+        speed=_speed_class(cfg, test_time_flip and top_down is None),
         priority=info.priority,
         aliases=list(info.aliases),
         **shape,
@@ -225,7 +229,7 @@ def train_model(labelled: str | Path, info: ModelInfo, store: str | Path, *, cfg
         skeleton=[tuple(e) for e in info.skeleton],
         flip_pairs=[tuple(e) for e in info.flip_pairs],
         outputs=OutputSpec(heatmap="heatmaps", locref="locref", stride=float(STRIDE), locref_std=cfg.locref_std,
-                           heatmap_activation="none"),
+                           heatmap_activation="none", exclusive_radius=exclusive_radius),
         decoder="heatmap_argmax_locref",
         artefact=Artefact(filename=onnx_path.name),
         upstream=Upstream(kind="trained", notes=f"trained by posezoo train on {data.source.parent.name}/"
@@ -253,6 +257,14 @@ def train_model(labelled: str | Path, info: ModelInfo, store: str | Path, *, cfg
         log(f"test: mean {ev.metrics['test']['overall']['mean_px']:.2f} px, "
             f"PCK@10 {ev.metrics['test']['overall']['pck@10']:.1%} -> {card_path}")
     return card
+
+
+def _speed_class(cfg: TrainConfig, test_time_flip: bool) -> str:
+    """The card's speed class from the network's work per frame. Measured on 2 cores, end to
+    end: one pass at 320x240 about 140 frames/s ("fast"); with test-time flip about 70, and at
+    400x300 with flip about 40 ("medium")."""
+    pixels = cfg.input_hw[0] * cfg.input_hw[1] * (2 if test_time_flip else 1)
+    return "fast" if pixels <= 320 * 240 else "medium"
 
 
 def _training_record(data, train_idx, test_idx, cfg: TrainConfig, result, par: dict, ckpt: Path,
