@@ -208,6 +208,9 @@ def child_spec(p: Plan, root: Path, card, name: str, version: str, work: Path, z
                  "flip_pairs": [list(e) for e in card.flip_pairs if set(e) <= set(p.keypoints)],
                  "licence": card.licence or "Apache-2.0", "citation": card.citation or ""},
         "init": p.init, "base": card.ref,
+        # the new model is decoded as its base is (test-time flip, one place per body part)
+        "decoding": {"test_time_flip": bool(card.test_time_flip),
+                     "exclusive_radius": card.outputs.exclusive_radius},
         # a top-down base: the new model's pose network is trained on crops, for the base's detector
         "top_down": ({"detector": card.detector, "max_individuals": card.max_individuals,
                       "crop": (card.top_down.model_dump() if card.top_down else {})}

@@ -137,7 +137,7 @@ def run(spec: dict) -> Path:
     card = train_model(spec["label_file"], info, spec["store"], cfg=cfg, test=spec["test"],
                        keypoints=spec["keypoints"], init=init, workdir=spec["workdir"],
                        command=f"POST /v1/finetune (job {spec['job_id']})", progress=True, log=log,
-                       top_down=top_down)
+                       top_down=top_down, **spec.get("decoding", {}))
     emit(event="stage", stage="registering")
     card_dir = Path(spec["store"]) / card.name / card.version
     training = dict(card.training or {})
