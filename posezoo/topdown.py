@@ -642,9 +642,6 @@ def bench_top_down(predictor: TopDownPredictor, video: str, *, frames: int = 32,
 
     from .bench import units_per_second
 
-    def rate(fn, units):
-        return units_per_second(fn, units, min_seconds)
-
     def model_only():
         for i in range(0, len(x), batch_size):
             pose.model.run({pose.card.input.input_name: x[i : i + batch_size]}, pose._outputs)
@@ -658,9 +655,9 @@ def bench_top_down(predictor: TopDownPredictor, video: str, *, frames: int = 32,
         "model": predictor.card.ref, "detector": predictor.detector.card.ref, "video": str(video),
         "frame_size": f"{info.width}x{info.height}", "frames": len(imgs), "crops": n_crops,
         "providers": predictor.providers, "threads": pose.model.threads, "batch_size": batch_size,
-        "pose_model_only_crops_per_s": round(rate(model_only, n_crops), 2),
-        "pose_stage_crops_per_s": round(rate(stage, n_crops), 2),
-        "detector_frames_per_s": round(rate(lambda: predictor._detect(imgs[0]), 1), 3),
+        "pose_model_only_crops_per_s": round(units_per_second(model_only, n_crops, min_seconds), 2),
+        "pose_stage_crops_per_s": round(units_per_second(stage, n_crops, min_seconds), 2),
+        "detector_frames_per_s": round(units_per_second(lambda: predictor._detect(imgs[0]), 1, min_seconds), 3),
         "end_to_end": [],
     }
     reference = None

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from ..predictor import flip_permutation  # noqa: F401  (one definition: the runtime's test-time flip uses it too)
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -60,16 +62,6 @@ def resize_frames(images: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
 def labels_to_network(coords: np.ndarray, scale_xy: tuple[float, float]) -> np.ndarray:
     """Frame labels ``(..., 2)`` to network-input coordinates (decoder convention)."""
     return np.asarray(coords, dtype=np.float64) / np.asarray(scale_xy, dtype=np.float64)
-
-
-def flip_permutation(keypoints, flip_pairs) -> np.ndarray:
-    """Index permutation that swaps each left/right pair, shape ``(n_keypoints,)``."""
-    perm = np.arange(len(keypoints))
-    names = list(keypoints)
-    for a, b in flip_pairs:
-        ia, ib = names.index(a), names.index(b)
-        perm[ia], perm[ib] = ib, ia
-    return perm
 
 
 def random_affine(rng: np.random.Generator, points: np.ndarray, size_wh: tuple[int, int],
