@@ -49,6 +49,15 @@ class HeadTailReport:
         return not (self.bad_length or self.turned or self.head_behind_ears)
 
 
+def _names_with(keypoints, wanted) -> list[str]:
+    """``keypoints`` as a list; an :class:`InputError` naming those of ``wanted`` it lacks."""
+    names = list(keypoints)
+    missing = [k for k in wanted if k not in names]
+    if missing:
+        raise InputError(f"keypoints {missing} are not among {names}")
+    return names
+
+
 def body_length_bounds(lengths: np.ndarray, slack: float = 0.5) -> tuple[float, float]:
     """Plausible head-tail distances from labelled ones: ``(1 - slack) * min`` to
     ``(1 + slack) * max`` (a mouse stretches and curls, but not by half again)."""
@@ -80,10 +89,7 @@ def head_tail_check(data: np.ndarray, keypoints, *, head: str, tail: str, length
     max_turn_deg : float
         The largest turn of the head-tail axis between two consecutive frames.
     """
-    names = list(keypoints)
-    missing = [k for k in (head, tail, *(ears or ())) if k not in names]
-    if missing:
-        raise InputError(f"keypoints {missing} are not among the model's {names}")
+    names = _names_with(keypoints, (head, tail, *(ears or ())))
     d = np.asarray(data, dtype=float)[:, individual]
     h, t = d[:, names.index(head)], d[:, names.index(tail)]
     both = (h[:, 2] >= pcutoff) & (t[:, 2] >= pcutoff)
@@ -149,10 +155,7 @@ def left_right_check(xy: np.ndarray, keypoints, *, head: str, tail: str, pairs) 
     Only for views that do not mirror the animal between frames (top or bottom views); a
     side view sees the left ear from either side.
     """
-    names = list(keypoints)
-    missing = [k for k in (head, tail, *(k for pair in pairs for k in pair)) if k not in names]
-    if missing:
-        raise InputError(f"keypoints {missing} are not among {names}")
+    names = _names_with(keypoints, (head, tail, *(k for pair in pairs for k in pair)))
     d = np.asarray(xy, dtype=float)
     tail_xy = d[:, names.index(tail)]
     axis = d[:, names.index(head)] - tail_xy
