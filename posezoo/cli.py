@@ -354,6 +354,15 @@ def _add_training_commands(sub) -> None:
     tr.add_argument("--exclusive-radius", type=int, default=0, metavar="CELLS",
                     help="card: two keypoints cannot both peak within this many heatmap cells; the one "
                          "lower there moves (default 0: off)")
+    tr.add_argument("--pseudo-video", default=None, metavar="VIDEO",
+                    help="also train on a teacher model's confident keypoints in frames of this unlabelled "
+                         "video (video adaptation)")
+    tr.add_argument("--pseudo-teacher", default=None, metavar="MODEL",
+                    help="the model that labels --pseudo-video (default: the --init zoo model)")
+    tr.add_argument("--pseudo-frames", type=_positive, default=300,
+                    help="at most this many frames, evenly spaced over the video (default 300)")
+    tr.add_argument("--pseudo-min-likelihood", type=float, default=0.6,
+                    help="teacher points under this likelihood are not targets (default 0.6)")
     tr.add_argument("--no-progress", action="store_true")
 
     cl = sub.add_parser("check-labels", help="find labelled frames whose left/right pairs are swapped "
@@ -387,6 +396,16 @@ def _train_cmd(args) -> int:
                                    ("freeze_blocks", args.freeze_blocks), ("input_hw", args.input_size))
                  if v is not None}
     cfg = dataclasses.replace(TrainConfig(), seed=args.seed, threads=args.threads, **overrides)
+    pseudo = None
+    if args.pseudo_video:
+        from .training.pseudo import PseudoLabelSpec
+
+        teacher = args.pseudo_teacher or args.init
+        if not teacher or teacher.endswith(".pt"):
+            raise InputError("--pseudo-video needs a zoo model to label it: --pseudo-teacher MODEL "
+                             "(or --init MODEL)")
+        pseudo = PseudoLabelSpec(video=args.pseudo_video, teacher=teacher, n_frames=args.pseudo_frames,
+                                 min_likelihood=args.pseudo_min_likelihood)
     info = ModelInfo(name=args.name, version=args.version,
                      species=tuple(s.strip() for s in args.species.split(",") if s.strip()), view=args.view,
                      priority=args.priority,
@@ -396,7 +415,7 @@ def _train_cmd(args) -> int:
                        init=args.init, workdir=args.workdir, catalog=args.catalog,
                        command=command_line(sys.argv[1:] if args.argv is None else args.argv),
                        progress=not args.no_progress, test_time_flip=args.test_time_flip,
-                       exclusive_radius=args.exclusive_radius)
+                       exclusive_radius=args.exclusive_radius, pseudo=pseudo)
     print(f"{card.ref}: registered in {args.store} (sha256 {card.artefact.sha256[:12]}…)")
     return 0
 

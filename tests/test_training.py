@@ -168,6 +168,9 @@ def test_fine_tune_from_a_zoo_model(trained, tmp_path):
     assert card.speed == "fast"  # 160x120 twice (flip) is less work than 320x240 once
     assert card.test_time_flip is True and trained.card.test_time_flip is None  # --test-time-flip, or off
     assert posezoo.load(str(tmp_path / "catalog/test_mouse/0.0.2/card.yaml"), device="cpu").test_time_flip
+    with pytest.raises(posezoo.PosezooError, match=r"network differs from the one configured \(head_width 16\)"):
+        train_model(trained.label, info, tmp_path / "c2", cfg=cfg, init="posezoo_mouse@1.1.0", progress=False,
+                    log=lambda *_: None)  # 1.1.0's head is 64 wide
     with pytest.raises(posezoo.PosezooError, match="no training checkpoint"):
         train_model(trained.label, info, tmp_path / "c2", cfg=cfg, init="posezoo_tiny_mouse", progress=False,
                     log=lambda *_: None)
@@ -258,3 +261,81 @@ def test_labelled_crops_are_the_runtimes_crops():
         np.testing.assert_allclose(back, coords[i], atol=1e-6)
         inside = np.isfinite(crop_coords[i]).all(1)
         assert ((crop_coords[i][inside] >= 0) & (crop_coords[i][inside] <= 256)).all()
+
+
+def _labelled_video(path, data, frames, size_wh=None):
+    """An H.264 video of real labelled frames (optionally resized): ground truth for pseudo-labels."""
+    import cv2
+
+    from posezoo.video import VideoWriter
+
+    images = data.load_images("RGB")[list(frames)]
+    w, h = size_wh or (images.shape[2], images.shape[1])
+    with VideoWriter(path, w, h, 30.0, crf=12) as out:
+        for im in images:
+            out.write(im if (w, h) == (im.shape[1], im.shape[0]) else cv2.resize(im, (w, h),
+                                                                                  interpolation=cv2.INTER_AREA))
+    return path
+
+
+def test_pseudo_labels_are_the_teachers_confident_points_in_labelled_frame_pixels(tmp_path):
+    from posezoo.training.pseudo import PseudoLabelSpec, frame_step, labelled_repeats, pseudo_label_video
+
+    data = posezoo.labelled.load_labelled(make_copy(tmp_path / "p", range(12)))
+    # the bundled model labels real frames it was trained on: its labels must land on the human
+    # ones, in the labelled frames' pixels, also from a half-size copy of the video
+    for size in (None, (320, 240)):
+        video = _labelled_video(tmp_path / f"v{size}.mp4", data, range(12), size)
+        pl = pseudo_label_video(PseudoLabelSpec(str(video), "posezoo_mouse@1.1.0", n_frames=5, min_likelihood=0.5),
+                                data.keypoints, data.image_size, threads=2)
+        assert frame_step(12, 5) == 3 and list(pl.frame_indices) == [0, 3, 6, 9]
+        assert pl.images.shape == (4, 480, 640, 3) and pl.coords.shape == (4, 4, 2)
+        err = np.linalg.norm(pl.coords - data.coords[[0, 3, 6, 9]], axis=-1)
+        assert np.nanmedian(err) < 4.0, err
+        assert pl.record["frames"] == 4 and pl.record["frame_step"] == 3 and pl.record["teacher"] == "posezoo_mouse@1.1.0"
+        assert pl.record["points"] == int(np.isfinite(pl.coords).all(-1).sum()) >= 12
+        assert pl.record["video_sha256"] == sha256_file(video)
+    # points under the threshold are no targets: a stricter threshold keeps a subset
+    strict = pseudo_label_video(PseudoLabelSpec(str(video), "posezoo_mouse@1.1.0", n_frames=5, min_likelihood=0.9),
+                                data.keypoints, data.image_size, threads=2)
+    kept = np.isfinite(strict.coords).all(-1)
+    assert strict.record["frames"] <= 4 and kept.sum() <= pl.record["points"]
+    with pytest.raises(posezoo.InputError, match="does not predict"):
+        pseudo_label_video(PseudoLabelSpec(str(video), "posezoo_mouse@1.1.0"), [*data.keypoints, "tailtip"],
+                           data.image_size)
+    wide = _labelled_video(tmp_path / "wide.mp4", data, range(2), (640, 360))
+    with pytest.raises(posezoo.InputError, match="aspect ratio"):
+        pseudo_label_video(PseudoLabelSpec(str(wide), "posezoo_mouse@1.1.0"), data.keypoints, data.image_size)
+    assert labelled_repeats(100, 292) == 3 and labelled_repeats(100, 20) == 1
+
+
+def test_sample_source_draws_repeated_frames_as_often_as_asked():
+    images = np.zeros((3, 16, 16, 3), np.uint8)
+    points = np.full((3, 1, 2), np.nan)
+    src = SampleSource(images, points, np.array([0]), stride=4, sigma=2, locref_radius=4, locref_std=4, mean=127,
+                       std=128, augment_cfg=None, seed=0, repeats=np.array([3, 1, 1]))
+    drawn = [src._next_index() for _ in range(10)]  # two passes over the pool of 5
+    assert sorted(drawn[:5]) == [0, 0, 0, 1, 2] and sorted(drawn[5:]) == [0, 0, 0, 1, 2]
+
+
+def test_train_with_pseudo_labels_from_a_video(trained, tmp_path, capsys):
+    from posezoo.cli import main
+
+    data = posezoo.labelled.load_labelled(trained.label)
+    video = _labelled_video(tmp_path / "unlabelled.mp4", data, range(6))
+    info = ModelInfo(name="test_mouse", version="0.0.3", skeleton=SKELETON, flip_pairs=FLIP)
+    from posezoo.training.pseudo import PseudoLabelSpec
+
+    lines = []
+    card = train_model(trained.label, info, tmp_path / "catalog", cfg=dataclasses.replace(TINY_CFG, steps=2),
+                       test=["img0005*"], init=str(trained.card_path), workdir=tmp_path / "work", progress=False,
+                       log=lines.append, pseudo=PseudoLabelSpec(str(video), "posezoo_mouse@1.1.0", n_frames=6))
+    rec = card.training["pseudo_labels"]
+    assert rec["video"] == "unlabelled.mp4" and rec["teacher"] == "posezoo_mouse@1.1.0" and rec["frames"] == 6
+    assert rec["labelled_repeats"] == 1 and rec["min_likelihood"] == 0.6
+    assert any("6 pseudo-labelled frames" in line for line in lines), lines
+    assert card.training["split"]["test"] == ["img0005.png"] and card.metrics["test"]["overall"]["n"] == 4
+    # the CLI: a teacher is needed, and a top-down target has no use for them
+    assert main(["train", str(trained.label), "--name", "m", "--store", str(tmp_path / "unused"),
+                 "--pseudo-video", str(video), "--no-progress"]) == 1
+    assert "--pseudo-teacher" in capsys.readouterr().err and not (tmp_path / "unused").exists()

@@ -215,12 +215,16 @@ class SampleSource:
     augment_cfg : AugmentConfig or None
         ``None``: no augmentation.
     seed : int
+    repeats : ndarray, shape (n,), optional
+        How many times each frame is drawn per pass (default: once each); human labels
+        weigh more than pseudo-labels this way.
     """
 
     def __init__(self, images: np.ndarray, points: np.ndarray, flip_perm: np.ndarray, *, stride: float,
                  sigma: float, locref_radius: float, locref_std: float, mean: float, std: float,
-                 augment_cfg: AugmentConfig | None, seed: int):
+                 augment_cfg: AugmentConfig | None, seed: int, repeats: np.ndarray | None = None):
         self.images, self.points, self.flip_perm = images, points, flip_perm
+        self.pool = np.repeat(np.arange(len(images)), 1 if repeats is None else np.asarray(repeats, dtype=int))
         self.stride, self.sigma, self.locref_radius, self.locref_std = stride, sigma, locref_radius, locref_std
         self.mean, self.std = mean, std
         self.cfg = augment_cfg
@@ -230,7 +234,7 @@ class SampleSource:
 
     def _next_index(self) -> int:
         if not self._order:
-            self._order = list(self.rng.permutation(len(self.images)))
+            self._order = list(self.rng.permutation(self.pool))
         return int(self._order.pop())
 
     def batch(self, size: int) -> dict[str, np.ndarray]:

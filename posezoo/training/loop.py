@@ -157,7 +157,12 @@ def build_model(n_keypoints: int, cfg: TrainConfig, init: str | Path | None = No
         if weights["out.weight"].shape[0] != 3 * n_keypoints:
             raise PosezooError(f"{init}: this checkpoint predicts {weights['out.weight'].shape[0] // 3} keypoints, "
                                f"the labelled data has {n_keypoints}")
-        model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
+        try:
+            model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
+        except RuntimeError as exc:  # another head width (TrainConfig.head_width) or network
+            first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+            raise PosezooError(f"{init}: this checkpoint's network differs from the one configured "
+                               f"(head_width {cfg.head_width}): {first}") from None
     return model
 
 
@@ -184,7 +189,7 @@ def save_checkpoint(path: Path, model: PoseNet, step: int, cfg: TrainConfig, *, 
 def fit(train_images: np.ndarray, train_coords: np.ndarray, flip_perm: np.ndarray, cfg: TrainConfig, *,
         frame_wh: tuple[int, int], test_images: np.ndarray | None = None, test_coords: np.ndarray | None = None,
         init: str | Path | None = None, workdir: str | Path | None = None, progress: bool = True,
-        log=print) -> TrainResult:
+        log=print, sample_repeats: np.ndarray | None = None) -> TrainResult:
     """Train a pose network.
 
     Parameters
@@ -209,6 +214,8 @@ def fit(train_images: np.ndarray, train_coords: np.ndarray, flip_perm: np.ndarra
         tqdm bar with the running loss.
     log : callable
         Receives one line per evaluation.
+    sample_repeats : ndarray, shape (n,), optional
+        Draws of each training frame per pass (default: one each).
     """
     _set_determinism(cfg.seed, cfg.threads)
     h, w = cfg.input_hw
@@ -221,7 +228,7 @@ def fit(train_images: np.ndarray, train_coords: np.ndarray, flip_perm: np.ndarra
     source = SampleSource(
         resize_frames(train_images, (w, h)), labels_to_network(train_coords, scale), flip_perm,
         stride=STRIDE, sigma=cfg.sigma, locref_radius=cfg.locref_radius, locref_std=cfg.locref_std,
-        mean=INPUT_MEAN, std=INPUT_STD, augment_cfg=cfg.augment, seed=cfg.seed,
+        mean=INPUT_MEAN, std=INPUT_STD, augment_cfg=cfg.augment, seed=cfg.seed, repeats=sample_repeats,
     )
     test_small = resize_frames(test_images, (w, h)) if test_images is not None and len(test_images) else None
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

