@@ -452,7 +452,9 @@ def create_app(get_manager: Callable[[], JobManager]) -> FastAPI:
         load = await run_in_threadpool(m.stats, True)
         return {**load, "max_upload_bytes": s.max_upload_bytes, "max_image_bytes": s.max_image_bytes,
                 "default_model": s.model_default, "results_in_s3": m.results.in_s3,
-                "https_sources": s.allow_https_sources, "finetune": m.finetune_unavailable() or "available",
+                "https_sources": s.allow_https_sources,
+                # the fine-tune queue's load (from stats) and whether this server can train at all
+                "finetune": {**load["finetune"], "status": m.finetune_unavailable() or "available"},
                 "max_finetune_bytes": s.max_finetune_bytes, "max_finetune_steps": s.max_finetune_steps}
 
     @app.api_route("/{path:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],

@@ -162,7 +162,9 @@ def test_malicious_and_malformed_zips_are_4xx_and_the_server_keeps_serving(serve
     assert_error(httpx.post(f"{server.url}/v1/finetune", headers={**auth(), "Content-Type": "application/json"},
                             content=b"{}"), 415)
     # still serving, nothing left behind, nothing registered
-    assert httpx.get(f"{server.url}/v1/server", headers=auth()).status_code == 200
+    info = httpx.get(f"{server.url}/v1/server", headers=auth()).json()
+    assert info["finetune"]["status"] == "available" and info["finetune"]["queued"] == 0, info
+    assert info["finetune"]["workers"] == 1 and "queue_size" in info["finetune"]
     time.sleep(0.3)
     assert_clean(server)
     assert {p.parts[-3] for p in (server.data_dir / "catalogs").glob("*/*/*/card.yaml")} <= {f"{TINY}-ft"}
