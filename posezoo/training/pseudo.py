@@ -59,7 +59,8 @@ class PseudoLabels:
 
 
 def frame_step(n_video_frames: int, n_frames: int) -> int:
-    """Every how many video frames one is taken, for at most ``n_frames`` of them."""
+    """Every how many video frames one is taken, for at most ``n_frames`` of them (every frame,
+    so the first ``n_frames``, when the header does not say how many frames there are)."""
     return max(1, -(-max(n_video_frames, 1) // max(n_frames, 1)))
 
 
@@ -108,7 +109,9 @@ def pseudo_label_video(spec: PseudoLabelSpec, keypoints, frame_wh: tuple[int, in
     step = frame_step(info.n_frames, spec.n_frames)
     frames, index = [], []
     for i, frame in enumerate(iter_frames(spec.video, colour_order="RGB")):
-        if i % step == 0 and len(frames) < spec.n_frames:
+        if len(frames) == spec.n_frames:
+            break
+        if i % step == 0:
             frames.append(frame if frame.shape[:2] == (h, w) else cv2.resize(frame, (w, h),
                                                                                interpolation=cv2.INTER_AREA))
             index.append(i)
