@@ -354,16 +354,9 @@ class PgJobStore:
 
     def list(self, owner: str | None = None, statuses: Iterable[str] | None = None,
              limit: int = 1000) -> list[JobRecord]:
-        sql, args = "SELECT doc::text FROM jobs WHERE TRUE", []
-        if owner is not None:
-            sql += " AND owner = %s"
-            args.append(owner)
-        if statuses is not None:
-            sql += " AND status = ANY(%s)"
-            args.append(list(statuses))
-        sql += " ORDER BY created_at DESC LIMIT %s"
-        args.append(limit)
-        rows = self._tx(lambda c: c.execute(sql, args).fetchall())
+        where, args = _job_filter(owner=owner, statuses=statuses)
+        rows = self._tx(lambda c: c.execute(f"SELECT doc::text FROM jobs WHERE {where} ORDER BY created_at DESC "
+                                            "LIMIT %s", [*args, limit]).fetchall())
         return [JobRecord.model_validate_json(r[0]) for r in rows]
 
     def delete(self, job_id: str) -> None:
@@ -458,14 +451,8 @@ class PgJobStore:
     def count(self, statuses: Iterable[str] = ACTIVE, owner: str | None = None,
               kinds: Iterable[str] | None = None) -> int:
         """Jobs of all replicas with one of ``statuses`` (of ``owner``, of ``kinds``)."""
-        sql, args = "SELECT count(*) FROM jobs WHERE status = ANY(%s)", [list(statuses)]
-        if owner is not None:
-            sql += " AND owner = %s"
-            args.append(owner)
-        if kinds is not None:
-            sql += " AND kind = ANY(%s)"
-            args.append(list(kinds))
-        return self._tx(lambda c: c.execute(sql, args).fetchone()[0])
+        where, args = _job_filter(owner=owner, statuses=statuses, kinds=kinds)
+        return self._tx(lambda c: c.execute(f"SELECT count(*) FROM jobs WHERE {where}", args).fetchone()[0])
 
     def request_cancel(self, job_id: str) -> bool:
         """Flag an active job for cancellation, whichever replica runs it; False if there is
@@ -573,3 +560,14 @@ class PgJobStore:
             return [r[0] for r in rows]
         return self._tx(tx)
 
+
+def _job_filter(*, owner: str | None = None, statuses: Iterable[str] | None = None,
+                kinds: Iterable[str] | None = None) -> tuple[str, list]:
+    """A WHERE clause (with its parameters) for the given filters; None filters nothing."""
+    clauses, args = ["TRUE"], []
+    for column, value in (("owner", owner), ("status", statuses), ("kind", kinds)):
+        if value is None:
+            continue
+        clauses.append(f"{column} = %s" if isinstance(value, str) else f"{column} = ANY(%s)")
+        args.append(value if isinstance(value, str) else list(value))
+    return " AND ".join(clauses), args
