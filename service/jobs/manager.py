@@ -393,16 +393,7 @@ class JobManager:
                 self._live[rec.id] = rec
                 self._cancel[rec.id] = threading.Event()
             log.info("job %s claimed by %s (attempt %d)", rec.id, self.replica, rec.attempts)
-            try:
-                self._run(rec.id)
-            except BaseException:
-                log.error("job %s: unexpected error in the worker", rec.id, exc_info=True)
-            finally:
-                with self._lock:
-                    self._live.pop(rec.id, None)
-                    self._cancel.pop(rec.id, None)
-                    self._secret_uris.pop(rec.id, None)
-                    self._lost.discard(rec.id)
+            self._run_in_worker(rec.id)
 
     def _on_lost(self, job_id: str) -> None:
         """Another replica holds the job now (this one missed its lease): stop, write nothing."""
@@ -1043,21 +1034,32 @@ class JobManager:
             job_id = jobs.get()
             if job_id is None or self._stopping.is_set():
                 return
-            try:
-                self._run(job_id)
-            except BaseException:  # never let a worker thread die
-                log.error("job %s: unexpected error in the worker", job_id, exc_info=True)
-            finally:
-                with self._lock:
-                    rec = self._live.pop(job_id, None)
-                    if kind == "finetune":
-                        self._ft_active -= 1
-                    else:
-                        self._active -= 1
-                        if rec is not None:
-                            self._per_owner[rec.owner] -= 1
-                    self._cancel.pop(job_id, None)
-                    self._secret_uris.pop(job_id, None)
+            self._run_in_worker(job_id, release=lambda rec: self._release_slot(kind, rec))
+
+    def _release_slot(self, kind: str, rec: JobRecord | None) -> None:
+        """Give back the queue slot a finished job held (called with the lock held)."""
+        if kind == "finetune":
+            self._ft_active -= 1
+        else:
+            self._active -= 1
+            if rec is not None:
+                self._per_owner[rec.owner] -= 1
+
+    def _run_in_worker(self, job_id: str, release=None) -> None:
+        """Run one job on this worker thread, which no error may kill, then forget this server's
+        in-memory state of it; ``release(record)`` runs under the same lock (slot bookkeeping)."""
+        try:
+            self._run(job_id)
+        except BaseException:
+            log.error("job %s: unexpected error in the worker", job_id, exc_info=True)
+        finally:
+            with self._lock:
+                rec = self._live.pop(job_id, None)
+                self._cancel.pop(job_id, None)
+                self._secret_uris.pop(job_id, None)
+                self._lost.discard(job_id)
+                if release is not None:
+                    release(rec)
 
     def _run(self, job_id: str) -> None:
         with self._lock:
