@@ -24,7 +24,8 @@ def bounds():
 
 @pytest.fixture(scope="module", params=[("posezoo_mouse@1.1.0", "fp32"), ("posezoo_mouse@1.1.0", "int8"),
                                         ("posezoo_mouse@1.2.0", "fp32"), ("posezoo_mouse@1.2.0", "int8"),
-                                        ("posezoo_mouse@1.3.0", "fp32"), ("posezoo_mouse@1.3.0", "int8")],
+                                        ("posezoo_mouse@1.3.0", "fp32"), ("posezoo_mouse@1.3.0", "int8"),
+                                        ("posezoo_mouse@1.4.0", "fp32"), ("posezoo_mouse@1.4.0", "int8")],
                 ids=lambda p: f"{p[0]}-{p[1]}")
 def video_table(openfield_video, request):
     import posezoo

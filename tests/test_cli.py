@@ -12,7 +12,7 @@ import pytest
 from conftest import OPENFIELD_FRAMES, noise_video
 
 #: DeepLabCut scorers of the bundled models (files are <video><scorer>.h5)
-MOUSE = "DLC_posezoo_mouse_1.3.0"
+MOUSE = "DLC_posezoo_mouse_1.4.0"
 TINY = "DLC_posezoo_tiny_mouse_0.1.0"
 
 
@@ -131,7 +131,7 @@ def test_species_first_model_choice(openfield_video, tmp_path):
     r = posezoo("predict", openfield_video, "--species", "mouse", "--view", "top", "--max-frames", "30",
                 "--out", tmp_path, "--no-progress")
     assert r.returncode == 0, r.stderr
-    assert "using posezoo_mouse@1.3.0" in r.stderr and (tmp_path / f"m3v1mp4{MOUSE}.h5").exists()
+    assert "using posezoo_mouse@1.4.0" in r.stderr and (tmp_path / f"m3v1mp4{MOUSE}.h5").exists()
     # no ready dog model here: the message says exactly what to run for each candidate
     assert_one_line_error(posezoo("predict", openfield_video, "--species", "dog", "--out", tmp_path),
                           "no dog model is ready", "pip install 'posezoo[conversion]' && posezoo zoo pull "
@@ -141,7 +141,7 @@ def test_species_first_model_choice(openfield_video, tmp_path):
     assert_one_line_error(posezoo("predict", openfield_video, "--species", "mouse", "--model", "posezoo_mouse"),
                           "not both")
     listed = {m["name"]: m for m in json.loads(posezoo("zoo", "list", "--json").stdout)}
-    assert listed["posezoo_mouse"]["view"] == "top" and listed["posezoo_mouse"]["speed"] == "medium"  # 1.3.0: 400x300 with test-time flip, ~40 frames/s
+    assert listed["posezoo_mouse"]["view"] == "top" and listed["posezoo_mouse"]["speed"] == "medium"  # 1.4.0: 400x300 with test-time flip, ~40 frames/s
     assert listed["posezoo_mouse"]["ready"] and not listed["superanimal_quadruped"]["ready"]
     table = posezoo("zoo", "list").stdout
     assert "view" in table.splitlines()[0] and "speed" in table.splitlines()[0]

@@ -123,9 +123,9 @@ def test_each_bundled_version_records_its_recipe_and_beats_the_one_it_started_fr
     from posezoo.zoo import default_zoo
 
     zoo = default_zoo()
-    v11, v12, v13 = (zoo.card(f"posezoo_mouse@{v}") for v in ("1.1.0", "1.2.0", "1.3.0"))
-    assert zoo.card("posezoo_mouse") == v13 and v11.test_time_flip is None
-    for new, old, steps in ((v12, v11, 1500), (v13, v12, 1000)):
+    v11, v12, v13, v14 = (zoo.card(f"posezoo_mouse@{v}") for v in ("1.1.0", "1.2.0", "1.3.0", "1.4.0"))
+    assert zoo.card("posezoo_mouse") == v14 and v11.test_time_flip is None
+    for new, old, steps in ((v12, v11, 1500), (v13, v12, 1000), (v14, v13, 1000)):
         assert new.test_time_flip is True and zoo.card(new.ref, precision="int8").test_time_flip is True
         cmd = new.training["command"]
         assert cmd.startswith("posezoo train ") and f"--init {old.ref}" in cmd and "--test-time-flip" in cmd
@@ -139,3 +139,7 @@ def test_each_bundled_version_records_its_recipe_and_beats_the_one_it_started_fr
     # decoded with one place per body part (the plain argmax put the snout on the tail base once)
     assert v13.outputs.exclusive_radius == 2 and "--exclusive-radius 2" in v13.training["command"]
     assert zoo.card(v13.ref, precision="int8").outputs.exclusive_radius == 2 and v12.outputs.exclusive_radius == 0
+    # 1.4.0: 1.3.0 trained on at a lower learning rate, at its input size and with its decoding
+    assert v14.input.size == v13.input.size and v14.training["config"]["lr"] < v13.training["config"]["lr"]
+    assert v14.outputs.exclusive_radius == 2 and zoo.card(v14.ref, precision="int8").outputs.exclusive_radius == 2
+    assert "--store /tmp" not in v14.training["command"] and "--workdir" not in v14.training["command"]

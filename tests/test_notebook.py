@@ -75,5 +75,5 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
     assert any("image/png" in k for k in kinds)  # the trajectories
     html = [o["data"]["text/html"] for c in nb.cells for o in c.get("outputs", []) if "text/html" in o.get("data", {})]
     assert any("<video" in h and "base64" in h for h in html)  # the labelled video, inline
-    assert "DLC_posezoo_mouse_1.3.0.h5" in text  # DeepLabCut's <video><scorer> names
-    assert next((tmp_path / "posezoo_out").glob("*DLC_posezoo_mouse_1.3.0_labeled.mp4")).stat().st_size > 0
+    assert "DLC_posezoo_mouse_1.4.0.h5" in text  # DeepLabCut's <video><scorer> names
+    assert next((tmp_path / "posezoo_out").glob("*DLC_posezoo_mouse_1.4.0_labeled.mp4")).stat().st_size > 0

@@ -131,7 +131,7 @@ def test_the_catalog_int8_card_resolves_and_matches_its_file():
     zoo = Zoo()
     card = zoo.card(MOUSE, precision="int8")
     base = zoo.card(MOUSE)
-    assert base.precision == "fp32" and base.version == "1.3.0"  # the newest version stays the fp32 one
+    assert base.precision == "fp32" and base.version == "1.4.0"  # the newest version stays the fp32 one
     assert card.precision == "int8" and card.variant_of == base.ref and card.version == f"{base.version}-int8"
     assert card.input.dtype == "uint8" and card.keypoints == base.keypoints
     path = REPO / "models" / MOUSE / card.version / card.artefact.filename
@@ -143,7 +143,8 @@ def test_the_catalog_int8_card_resolves_and_matches_its_file():
     assert zoo.card(f"{MOUSE}@{card.version}") == card  # named itself
     assert zoo.recommend("mouse").ref == base.ref
     assert [c.version for c in zoo.cards(all_versions=True) if c.name == MOUSE] == ["1.1.0", "1.1.0-int8", "1.2.0",
-                                                                                  "1.2.0-int8", "1.3.0", "1.3.0-int8"]
+                                                                                  "1.2.0-int8", "1.3.0", "1.3.0-int8", "1.4.0",
+                                                                                  "1.4.0-int8"]
     q = card.quantization
     assert q["base_sha256"] == base.artefact.sha256 and q["calibration"]["split"] == "train"
     assert q["command"].startswith("python -m conversion quantize --model posezoo_mouse")
@@ -154,7 +155,7 @@ def test_the_catalog_int8_card_resolves_and_matches_its_file():
 
 def test_load_picks_the_int8_variant_and_evaluates_close_to_fp32(fp32_mouse, labelled):
     int8 = posezoo.load(MOUSE, precision="int8", device="cpu", threads=2)
-    assert int8.card.ref == f"{MOUSE}@1.3.0-int8" and int8.model.session.get_inputs()[0].type == "tensor(uint8)"
+    assert int8.card.ref == f"{MOUSE}@1.4.0-int8" and int8.model.session.get_inputs()[0].type == "tensor(uint8)"
     assert posezoo.load(MOUSE, device="cpu").card.precision == "fp32"
     assert posezoo.load("default", precision="int8", device="cpu").card.precision == "int8"
     images = labelled.load_images("RGB")
@@ -167,7 +168,7 @@ def test_load_picks_the_int8_variant_and_evaluates_close_to_fp32(fp32_mouse, lab
 
 
 def test_bad_precisions_are_clear_errors():
-    with pytest.raises(PrecisionError, match=r"unknown precision 'int4' for posezoo_mouse@1\.3\.0: use one of fp32, int8"):
+    with pytest.raises(PrecisionError, match=r"unknown precision 'int4' for posezoo_mouse@1\.4\.0: use one of fp32, int8"):
         posezoo.load(MOUSE, precision="int4", device="cpu")
     with pytest.raises(InputError, match=r"posezoo_tiny_mouse@0\.1\.0 has no int8 variant; its precisions: fp32"):
         posezoo.load("posezoo_tiny_mouse", precision="int8", device="cpu")
@@ -201,7 +202,7 @@ def test_bench_compares_both_precisions_in_one_run(openfield_video, capsys):
                  "--no-rss", "--device", "cpu", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert set(r["precisions"]) == {"fp32", "int8"} and r["baseline"] == "fp32"
-    assert r["precisions"]["int8"]["model"] == f"{MOUSE}@1.3.0-int8" and r["precisions"]["fp32"]["frames"] == 96
+    assert r["precisions"]["int8"]["model"] == f"{MOUSE}@1.4.0-int8" and r["precisions"]["fp32"]["frames"] == 96
     assert len(r["precisions"]["int8"]["end_to_end_fps_passes"]) == 2
     assert r["speedup_end_to_end"]["int8"] > 1.0 and r["speedup_model_only"]["int8"] > 1.0
     with pytest.raises(SystemExit):

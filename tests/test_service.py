@@ -749,7 +749,7 @@ def test_openfield_video_through_client_and_curl(tmp_path_factory, openfield_vid
             s = c.streams.video[0]
             assert (s.codec_context.name, s.pix_fmt) == ("h264", "yuv420p")
             assert sum(1 for _ in c.decode(s)) == OPENFIELD_FRAMES
-    cli_table = __import__("posezoo").PoseTable.load(cli_out / "m3v1mp4DLC_posezoo_mouse_1.3.0.h5")
+    cli_table = __import__("posezoo").PoseTable.load(cli_out / "m3v1mp4DLC_posezoo_mouse_1.4.0.h5")
     import numpy as np
 
     np.testing.assert_allclose(result.table.data, cli_table.data, atol=1e-3)

@@ -313,7 +313,7 @@ def test_a_finetuned_model_is_decoded_as_its_base(tmp_path):
     zoo = Zoo()
     plan = Plan("CollectedData_x.csv", ["snout", "leftear", "rightear", "tailbase"], 6, 5, ["img0005.png"],
                 (640, 480), "base", (300, 400), 3, 2, None)
-    for ref, decoding in (("posezoo_mouse@1.3.0", {"test_time_flip": True, "exclusive_radius": 2}),
+    for ref, decoding in (("posezoo_mouse@1.4.0", {"test_time_flip": True, "exclusive_radius": 2}),
                           ("posezoo_mouse@1.1.0", {"test_time_flip": False, "exclusive_radius": 0})):
         spec = child_spec(plan, tmp_path, zoo.card(ref), "m", "0.0.1", tmp_path, zoo, 1, 0, "job")
         assert spec["decoding"] == decoding and spec["base"] == ref
