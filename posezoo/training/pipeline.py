@@ -192,6 +192,7 @@ def train_model(labelled: str | Path, info: ModelInfo, store: str | Path, *, cfg
     if top_down is not None:
         frame_wh = (cfg.input_hw[1], cfg.input_hw[0])
         images, coords = labelled_crops(images, coords, frame_wh, top_down)
+    init_path = resolve_init(init)  # a bad --init fails before the pseudo-labelling's work
     train_images, train_coords = images[train_idx], coords[train_idx]
     repeats, pseudo_record = None, None
     if pseudo is not None:
@@ -206,7 +207,6 @@ def train_model(labelled: str | Path, info: ModelInfo, store: str | Path, *, cfg
         log(f"pseudo-labels: {extra.record['frames']} frames of {extra.record['video']} by "
             f"{extra.record['teacher']} ({extra.record['points']} points >= {pseudo.min_likelihood}); "
             f"each labelled frame drawn {n_rep}x as often")
-    init_path = resolve_init(init)
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"posezoo-train-{info.name}-"))
     work.mkdir(parents=True, exist_ok=True)
     extra_frames = f" and {len(train_images) - len(train_idx)} pseudo-labelled frames" if pseudo else ""
