@@ -335,7 +335,7 @@ def test_train_with_pseudo_labels_from_a_video(trained, tmp_path, capsys):
     assert rec["labelled_repeats"] == 1 and rec["min_likelihood"] == 0.6
     assert any("6 pseudo-labelled frames" in line for line in lines), lines
     assert card.training["split"]["test"] == ["img0005.png"] and card.metrics["test"]["overall"]["n"] == 4
-    # the CLI: a teacher is needed, and a top-down target has no use for them
+    # the CLI: a teacher is needed
     assert main(["train", str(trained.label), "--name", "m", "--store", str(tmp_path / "unused"),
                  "--pseudo-video", str(video), "--no-progress"]) == 1
     assert "--pseudo-teacher" in capsys.readouterr().err and not (tmp_path / "unused").exists()

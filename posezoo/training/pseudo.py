@@ -14,11 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from ..errors import InputError
-from ..video import iter_frames, probe
+from ..video import decoded_frames, frame_to_array, probe
 
 
 @dataclass(frozen=True)
@@ -108,12 +107,12 @@ def pseudo_label_video(spec: PseudoLabelSpec, keypoints, frame_wh: tuple[int, in
                          f"aspect ratio ({w}x{h})")
     step = frame_step(info.n_frames, spec.n_frames)
     frames, index = [], []
-    for i, frame in enumerate(iter_frames(spec.video, colour_order="RGB")):
+    # only the taken frames are converted (and resized to the labelled size, as the runtime resizes)
+    for i, frame in enumerate(decoded_frames(spec.video)):
         if len(frames) == spec.n_frames:
             break
         if i % step == 0:
-            frames.append(frame if frame.shape[:2] == (h, w) else cv2.resize(frame, (w, h),
-                                                                               interpolation=cv2.INTER_AREA))
+            frames.append(frame_to_array(frame, (w, h), "RGB"))
             index.append(i)
     images = np.stack(frames)
     pred = teacher.predict_images(images, colour_order="RGB")[:, 0][:, order]  # (n, K, 3)
